@@ -1,0 +1,201 @@
+"""Backfill: backtest_runs -> joint_embeddings, in streamed batches.
+
+``backfill(...)`` reads the selected runs from the runtime store, embeds each
+batch (unnest, encode, combine: see ``embed``) and writes it to the historical
+store in its own transaction. Reading, embedding and writing overlap: a reader
+thread fetches the next batch and a writer thread commits the previous one
+while the main thread encodes (the database does most of the reading and
+writing work, so the two cores are kept busy). Returns a ``BackfillSummary``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import duckdb
+
+from .embed import DEFAULT_MODEL_ID, EmbeddedBatch, Weights, embed_batch
+from .read import read_runs
+from .stores import open_store
+from .stores.base import RunSelection
+from .urls import DatabaseURL
+from .write import write_batch
+
+DEFAULT_BATCH_ROWS = 50_000
+_DONE = object()
+
+
+@dataclass
+class BackfillSummary:
+    runs_read: int = 0
+    written: int = 0
+    skipped: int = 0
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (run_id, reason)
+    batches: int = 0
+    elapsed_seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(
+        default_factory=lambda: {"read": 0.0, "unnest": 0.0, "encode": 0.0, "combine": 0.0, "write": 0.0}
+    )
+
+    @property
+    def runs_per_second(self) -> float:
+        return self.runs_read / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+
+    def as_dict(self, max_rejected: int | None = None) -> dict:
+        rejected = self.rejected if max_rejected is None else self.rejected[:max_rejected]
+        return {
+            "runs_read": self.runs_read,
+            "written": self.written,
+            "skipped": self.skipped,
+            "rejected": len(self.rejected),
+            "rejected_runs": [{"run_id": r, "reason": why} for r, why in rejected],
+            "batches": self.batches,
+            "elapsed_seconds": round(self.elapsed_seconds, 3),
+            "runs_per_second": round(self.runs_per_second, 1),
+            "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+        }
+
+
+def _pump(source, out: queue.Queue, stop: threading.Event, seconds: dict, key: str) -> None:
+    """Feed items of ``source`` into ``out`` (then _DONE); exceptions travel too."""
+    try:
+        iterator = iter(source)
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                break
+            seconds[key] += time.perf_counter() - t0
+            out.put(item)
+    except BaseException as exc:  # handed to the main thread, which re-raises it
+        out.put(exc)
+        return
+    out.put(_DONE)
+
+
+def backfill(
+    runtime_url: DatabaseURL,
+    historical_url: DatabaseURL | None = None,
+    selection: RunSelection = RunSelection(),
+    weights: Weights = Weights(),
+    model_id: str = DEFAULT_MODEL_ID,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    on_progress: Callable[[int, int | None], None] | None = None,
+) -> BackfillSummary:
+    """Embed the selected runs and write them; see the module docstring.
+
+    ``on_progress(runs_done, runs_total)`` is called after each batch is written.
+    """
+    historical_url = historical_url or runtime_url
+    summary = BackfillSummary()
+    started = time.perf_counter()
+    reader_store = open_store(runtime_url)
+    try:
+        writer_store = open_store(historical_url)
+    except BaseException:
+        reader_store.close()
+        raise
+    con = duckdb.connect()
+    stop = threading.Event()
+    read_queue: queue.Queue = queue.Queue(maxsize=2)
+    write_queue: queue.Queue = queue.Queue(maxsize=1)
+    write_results: queue.Queue = queue.Queue()
+    reader = writer = None
+    try:
+        writer_store.check_table("joint_embeddings")
+        total = reader_store.count_runs(selection)
+        if on_progress:
+            on_progress(0, total)
+        reader = threading.Thread(
+            target=_pump,
+            args=(read_runs(reader_store, selection, batch_rows), read_queue, stop, summary.stage_seconds, "read"),
+            daemon=True,
+        )
+
+        def write_loop() -> None:
+            while True:
+                item = write_queue.get()
+                if item is _DONE:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    written = write_batch(writer_store, item, model_id)
+                except BaseException as exc:
+                    write_results.put(exc)
+                    return
+                summary.stage_seconds["write"] += time.perf_counter() - t0
+                write_results.put((written, item.rows.num_rows + item.skipped + len(item.rejected)))
+
+        writer = threading.Thread(target=write_loop, daemon=True)
+        reader.start()
+        writer.start()
+        done = 0
+        pending_writes = 0
+
+        def collect(block: bool) -> None:
+            nonlocal done, pending_writes
+            while pending_writes:
+                try:
+                    result = write_results.get(block=block)
+                except queue.Empty:
+                    return
+                pending_writes -= 1
+                if isinstance(result, BaseException):
+                    raise result
+                written, runs = result
+                summary.written += written
+                done += runs
+                if on_progress:
+                    on_progress(done, total)
+                block = False
+
+        while True:
+            item = read_queue.get()
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            batch: EmbeddedBatch = embed_batch(item, weights, model_id, con)
+            for stage, seconds in batch.seconds.items():
+                summary.stage_seconds[stage] += seconds
+            summary.runs_read += item.num_rows
+            summary.skipped += batch.skipped
+            summary.rejected.extend(batch.rejected)
+            summary.batches += 1
+            collect(block=False)
+            write_queue.put(batch)
+            pending_writes += 1
+        write_queue.put(_DONE)
+        collect(block=True)
+        writer.join()
+    finally:
+        # On the way out (normally or not), let each thread finish the batch it
+        # holds, so a batch is committed whole or not at all, then close.
+        stop.set()
+        for thread, q, sentinel in ((writer, write_queue, True), (reader, read_queue, False)):
+            while thread is not None and thread.is_alive():
+                _drain(q)
+                if sentinel:
+                    try:
+                        q.put_nowait(_DONE)
+                    except queue.Full:
+                        pass
+                thread.join(timeout=0.1)
+        con.close()
+        reader_store.close()
+        writer_store.close()
+    summary.elapsed_seconds = time.perf_counter() - started
+    return summary
+
+
+def _drain(q: queue.Queue) -> None:
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass

@@ -1,0 +1,39 @@
+"""Errors metabatch raises on purpose; the CLI turns them into one-line messages.
+
+Every message says what went wrong and what to do next; none contains a
+password (URLs are always shown redacted).
+"""
+
+from __future__ import annotations
+
+
+class MetabatchError(Exception):
+    """The job could not run (exit status 1). ``hint`` says what to do next."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class StoreUnreachable(MetabatchError):
+    """The database named by a URL cannot be reached or opened."""
+
+
+class MissingTable(MetabatchError):
+    """A table the command needs does not exist, or lacks a column."""
+
+
+class BadURL(MetabatchError):
+    """A database URL metabatch cannot use (unknown scheme, no path)."""
+
+
+class BadInput(MetabatchError):
+    """A value given by the user cannot be used (a usage error: exit status 2)."""
+
+    exit_code = 2

@@ -1,0 +1,200 @@
+"""PostgreSQL store: ADBC streaming reads (COPY out) and bulk ingest (COPY in).
+
+Reads are one query per backfill whose result ADBC streams with COPY, so
+memory stays bounded; that only happens for a query without bound parameters,
+so the strategy ids go into a temporary table first and the dates and limit,
+which metabatch has already parsed into ``date`` and ``int``, are printed as
+literals. Writes lock (joint_type, model_id), delete the old rows of the
+batch's runs and COPY the new ones in, in one transaction.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import adbc_driver_manager
+import adbc_driver_postgresql.dbapi as adbc
+import pyarrow as pa
+
+from ..errors import MissingTable, StoreUnreachable
+from ..resources import resource_dir
+from ..urls import DatabaseURL
+from .base import RUN_COLUMNS, RunSelection
+
+_REQUIRED = {
+    "backtest_runs": ("run_id", "strategy_id", "config_json", "end_date", "universe_id", "metrics_json"),
+    "joint_embeddings": ("joint_id", "joint_type", "as_of_date", "entity_scope", "model_id", "vector"),
+}
+# Rows per record batch that ADBC hands over while streaming (about 16 MB of text).
+_READ_BATCH_BYTES = 16 * 1024 * 1024
+
+
+def _scrub(message: str, url: DatabaseURL) -> str:
+    """A driver message cut to its first line, with the raw URL and password removed."""
+    first = str(message).strip().splitlines()[0] if str(message).strip() else "unknown error"
+    first = first.replace(url.raw, url.redacted)
+    password = re.match(r"[^:]+://[^:/@]*:([^@]*)@", url.raw)
+    if password and password.group(1):
+        first = first.replace(password.group(1), "***")
+    return first
+
+
+def json_array(texts: pa.Array) -> pa.Array:
+    """Text as Arrow's JSON extension type, which ADBC sends as jsonb."""
+    return pa.ExtensionArray.from_storage(pa.json_(), texts.cast(pa.string()))
+
+
+def _plain(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """JSON columns (Arrow's json extension type) as plain strings."""
+    columns = [c.storage if isinstance(c, pa.ExtensionArray) else c for c in batch.columns]
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
+
+
+class PostgresStore:
+    def __init__(self, url: DatabaseURL):
+        self.url = url
+        try:
+            self.conn = adbc.connect(url.raw)
+        except Exception as exc:  # the driver raises several types; all mean "cannot connect"
+            raise StoreUnreachable(
+                f"cannot connect to `{url.redacted}`: {_scrub(exc, url)}",
+                "check the URL and that the server is running",
+            ) from None
+
+    # -- schema
+
+    def migrate(self, part: str) -> list[str]:
+        steps = sorted((resource_dir("migrations") / "postgres" / part).glob("*.sql"))
+        applied = []
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext('metabatch:migrate'))")
+            cur.fetchall()
+            cur.execute(
+                "CREATE TABLE IF NOT EXISTS metabatch_migrations ("
+                " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            cur.execute("SELECT name FROM metabatch_migrations")
+            done = {row[0] for row in cur.fetchall()}
+            for step in steps:
+                name = f"{part}/{step.stem}"
+                if name in done:
+                    continue
+                cur.execute(step.read_text())
+                cur.execute("INSERT INTO metabatch_migrations (name) VALUES ($1)", (name,))
+                applied.append(name)
+        self.conn.commit()
+        self.check_table("backtest_runs" if part == "runtime" else "joint_embeddings")
+        return applied
+
+    def check_table(self, table: str) -> None:
+        """MissingTable unless ``table`` exists with the columns metabatch uses."""
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND table_name = $1",
+                (table,),
+            )
+            columns = {row[0] for row in cur.fetchall()}
+        self.conn.commit()
+        if not columns:
+            raise MissingTable(
+                f"table `{table}` does not exist in `{self.url.redacted}`",
+                "run `metabatch migrate` first",
+            )
+        missing = [c for c in _REQUIRED[table] if c not in columns]
+        if missing:
+            raise MissingTable(
+                f"table `{table}` in `{self.url.redacted}` lacks column(s) {', '.join(missing)}",
+                "it was not made by metabatch; add the columns or use another database",
+            )
+
+    # -- runs
+
+    def insert_runs(self, runs: pa.Table) -> int:
+        runs = runs.set_column(runs.schema.get_field_index("config_json"), "config_json", json_array(runs.column("config_json").combine_chunks()))
+        runs = runs.set_column(runs.schema.get_field_index("metrics_json"), "metrics_json", json_array(runs.column("metrics_json").combine_chunks()))
+        with self.conn.cursor() as cur:
+            cur.adbc_ingest("metabatch_seed_stage", runs, mode="replace", temporary=True)
+            columns = ", ".join(runs.column_names)
+            cur.execute(
+                f"INSERT INTO backtest_runs ({columns}) SELECT {columns} FROM metabatch_seed_stage"
+                " ON CONFLICT (run_id) DO NOTHING"
+            )
+            inserted = cur.rowcount
+            cur.execute("DROP TABLE metabatch_seed_stage")
+        self.conn.commit()
+        return inserted
+
+    def count_runs(self, selection: RunSelection) -> int:
+        query = self._runs_query(selection, "count(*)")
+        with self.conn.cursor() as cur:
+            cur.execute(query)
+            (count,) = cur.fetchall()[0]
+        self.conn.commit()
+        return int(count) if selection.limit is None else min(int(count), selection.limit)
+
+    def _runs_query(self, selection: RunSelection, columns: str) -> str:
+        """The param-free query for the selection (strategy ids go to a temp table)."""
+        self.check_table("backtest_runs")
+        where = ["metrics_json IS NOT NULL"]
+        with self.conn.cursor() as cur:
+            if selection.strategy_ids:
+                ids = pa.table({"strategy_id": pa.array(list(selection.strategy_ids), pa.string())})
+                cur.adbc_ingest("metabatch_strategy_filter", ids, mode="replace", temporary=True)
+                where.append("strategy_id IN (SELECT strategy_id FROM metabatch_strategy_filter)")
+        self.conn.commit()
+        # Dates and the limit are Python date/int values parsed by metabatch, never raw text.
+        if selection.start is not None:
+            where.append(f"end_date >= DATE '{selection.start.isoformat()}'")
+        if selection.end is not None:
+            where.append(f"end_date <= DATE '{selection.end.isoformat()}'")
+        query = f"SELECT {columns} FROM backtest_runs WHERE {' AND '.join(where)}"
+        if selection.limit is not None and columns != "count(*)":
+            query += f" ORDER BY end_date DESC, run_id DESC LIMIT {int(selection.limit)}"
+        return query
+
+    def read_runs(self, selection: RunSelection) -> Iterator[pa.RecordBatch]:
+        query = self._runs_query(selection, ", ".join(RUN_COLUMNS))
+        cur = self.conn.cursor()
+        cur.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(_READ_BATCH_BYTES)})
+        try:
+            cur.execute(query)
+            reader = cur.fetch_record_batch()
+            for batch in reader:
+                yield _plain(batch.select(list(RUN_COLUMNS)))
+        finally:
+            cur.close()
+            self.conn.rollback()
+
+    # -- embeddings
+
+    def replace_embeddings(self, rows: pa.Table, joint_type: str, model_id: str) -> None:
+        run_ids = rows.column("run_id").to_pylist()
+        table = rows.drop_columns(["run_id"])
+        table = table.set_column(
+            table.schema.get_field_index("entity_scope"), "entity_scope", json_array(table.column("entity_scope").combine_chunks())
+        )
+        try:
+            with self.conn.cursor() as cur:
+                # One writer per (joint_type, model_id) at a time: two backfills over
+                # the same runs then replace each other's rows instead of duplicating.
+                cur.execute("SELECT pg_advisory_xact_lock(hashtext($1))", (f"metabatch:{joint_type}:{model_id}",))
+                cur.fetchall()
+                cur.execute(
+                    "DELETE FROM joint_embeddings WHERE joint_type = $1 AND model_id = $2"
+                    " AND (entity_scope ->> 'run_id') = ANY($3)",
+                    (joint_type, model_id, run_ids),
+                )
+                if table.num_rows:
+                    cur.adbc_ingest("joint_embeddings", table, mode="append")
+            self.conn.commit()
+        except BaseException:
+            self.conn.rollback()
+            raise
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except adbc_driver_manager.Error:
+            pass

@@ -1,0 +1,490 @@
+"""Unnest: JSON text columns -> positioned leaves, per branch.
+
+Takes a column of JSON objects (as text, one per run) and returns, for every
+leaf that gives a feature, the run's row number, the leaf's position in the
+run's feature list (the spec's depth-first order, keys sorted by code point at
+each level) and its value: a double for numbers and booleans, the token
+``path=string`` for strings (hashed later, in ``encode``).
+
+How: DuckDB infers the merged structure of the batch (``json_group_structure``)
+and parses every document once into typed nested columns (``json_transform``,
+about 6x faster than Polars' ``json_decode`` here, and exact for integers of
+any size). The nested Arrow result is then walked column by column, never row
+by row: each node of the structure knows how many features it holds for every
+run, and positions are prefix sums of those counts. Where the structure is not
+uniform (a key holding a number in one run and an object in another) DuckDB
+returns raw JSON for that node, which is split by JSON type and handled
+recursively the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+ENV_NEEDLES = ("market_id", "universe_id", "assessment_strategy_id", "assessment_horizon_days")
+
+_NUMERIC_TYPES = {
+    "TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT",
+    "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "UHUGEINT",
+    "FLOAT", "DOUBLE", "DECIMAL",
+}
+
+
+# --------------------------------------------------------------------------
+# Output: leaves with their positions
+
+
+@dataclass
+class BranchLeaves:
+    """Leaves of one branch: parallel arrays (row, position, value)."""
+
+    rows: list[np.ndarray] = field(default_factory=list)
+    positions: list[np.ndarray] = field(default_factory=list)
+    values: list[np.ndarray] = field(default_factory=list)
+    string_rows: list[np.ndarray] = field(default_factory=list)
+    string_positions: list[np.ndarray] = field(default_factory=list)
+    string_tokens: list[pa.Array] = field(default_factory=list)
+
+
+@dataclass
+class Unnested:
+    """What ``unnest_config`` / ``unnest_metrics`` return for a batch of n runs.
+
+    ``counts`` is the number of features per run (before truncation), one
+    array per branch; ``leaves`` maps branch name -> BranchLeaves.
+    """
+
+    counts: dict[str, np.ndarray]
+    leaves: dict[str, BranchLeaves]
+
+
+class _Sink:
+    """Collects placed leaves, dropping those past the truncation limit."""
+
+    def __init__(self, limit: int, branches: tuple[str, ...]):
+        self.limit = limit
+        self.leaves = {b: BranchLeaves() for b in branches}
+
+    def numbers(self, branch, rows, positions, values):
+        keep = positions < self.limit
+        if not keep.all():
+            rows, positions, values = rows[keep], positions[keep], values[keep]
+        if len(rows):
+            out = self.leaves[branch]
+            out.rows.append(rows)
+            out.positions.append(positions)
+            out.values.append(values)
+
+    def strings(self, branch, rows, positions, tokens):
+        keep = positions < self.limit
+        if not keep.all():
+            rows, positions = rows[keep], positions[keep]
+            tokens = tokens.filter(pa.array(keep))
+        if len(rows):
+            out = self.leaves[branch]
+            out.string_rows.append(rows)
+            out.string_positions.append(positions)
+            out.string_tokens.append(tokens)
+
+
+# --------------------------------------------------------------------------
+# Paths: static text plus list indices known only per instance
+
+
+@dataclass(frozen=True)
+class _Path:
+    """A leaf path template: text pieces and list-index slots.
+
+    ``pieces`` holds strings and ints; an int ``k`` stands for ``[i]`` where
+    ``i`` is the index at the k-th enclosing list, known per instance.
+    """
+
+    pieces: tuple = ()
+
+    def is_empty(self) -> bool:
+        return all(isinstance(p, str) for p in self.pieces) and "".join(self.pieces) == ""
+
+    def key(self, key: str) -> "_Path":
+        # spec: a key's path is parent.key, or the key alone under an empty parent
+        if self.is_empty():
+            return _Path((key,))
+        return _Path(self.pieces + ("." + key,))
+
+    def index(self, level: int) -> "_Path":
+        return _Path(self.pieces + (level,))
+
+    def render(self, indices: list[np.ndarray], n: int) -> pa.Array:
+        """The path of every instance, as an Arrow string array of length n."""
+        if all(isinstance(p, str) for p in self.pieces):
+            return pa.array(["".join(self.pieces)] * n, pa.string()) if n else pa.array([], pa.string())
+        parts = []
+        for piece in self.pieces:
+            if isinstance(piece, str):
+                parts.append(pa.scalar(piece))
+            else:
+                text = pc.cast(pa.array(indices[piece]), pa.string())
+                parts.append(pc.binary_join_element_wise("[", text, "]", ""))
+        return pc.binary_join_element_wise(*parts, "")
+
+
+# --------------------------------------------------------------------------
+# Nodes: what one structure node holds, per instance
+
+
+class _Node:
+    """A structure node over n instances (runs, or list elements).
+
+    ``count`` / ``env_count``: features in the subtree per instance, for the
+    config and env branches.
+    """
+
+    count: np.ndarray
+    env_count: np.ndarray
+
+    def place(self, sink, rows, offset, env_offset, indices):  # pragma: no cover
+        raise NotImplementedError
+
+
+class _Empty(_Node):
+    def __init__(self, n: int):
+        self.count = np.zeros(n, np.int64)
+        self.env_count = self.count
+
+    def place(self, sink, rows, offset, env_offset, indices):
+        pass
+
+
+class _Numbers(_Node):
+    def __init__(self, values: np.ndarray, valid: np.ndarray, env: bool):
+        self.values, self.valid, self.env = values, valid, env
+        self.count = valid.astype(np.int64)
+        self.env_count = self.count if env else np.zeros_like(self.count)
+
+    def place(self, sink, rows, offset, env_offset, indices):
+        v = self.valid
+        sink.numbers("config", rows[v], offset[v], self.values[v])
+        if self.env:
+            sink.numbers("env", rows[v], env_offset[v], self.values[v])
+
+
+class _Strings(_Node):
+    def __init__(self, values: pa.Array, path: _Path, env: bool):
+        self.values, self.path, self.env = values, path, env
+        self.valid = np.asarray(values.is_valid().to_numpy(zero_copy_only=False), bool)
+        self.count = self.valid.astype(np.int64)
+        self.env_count = self.count if env else np.zeros_like(self.count)
+
+    def place(self, sink, rows, offset, env_offset, indices):
+        v = self.valid
+        if not v.any():
+            return
+        mask = pa.array(v)
+        paths = self.path.render([ix[v] for ix in indices] if indices else [], int(v.sum()))
+        tokens = pc.binary_join_element_wise(paths, self.values.filter(mask), "=")
+        sink.strings("config", rows[v], offset[v], tokens)
+        if self.env:
+            sink.strings("env", rows[v], env_offset[v], tokens)
+
+
+class _Struct(_Node):
+    def __init__(self, n: int, children: list[_Node]):
+        self.children = children
+        self.count = np.zeros(n, np.int64)
+        self.env_count = np.zeros(n, np.int64)
+        for child in children:
+            self.count += child.count
+            self.env_count += child.env_count
+
+    def place(self, sink, rows, offset, env_offset, indices):
+        offset, env_offset = offset.copy(), env_offset.copy()
+        for child in self.children:
+            child.place(sink, rows, offset, env_offset, indices)
+            offset += child.count
+            env_offset += child.env_count
+
+
+class _List(_Node):
+    """Elements of lists; ``parent`` maps each element to its instance."""
+
+    def __init__(self, n: int, parent: np.ndarray, element_index: np.ndarray, element: _Node):
+        self.parent, self.element_index, self.element = parent, element_index, element
+        self.count = np.bincount(parent, weights=element.count, minlength=n).astype(np.int64)
+        self.env_count = np.bincount(parent, weights=element.env_count, minlength=n).astype(np.int64)
+
+    def place(self, sink, rows, offset, env_offset, indices):
+        p = self.parent
+        if not len(p):
+            return
+        # start of each element within its list = exclusive prefix sum inside the segment
+        def starts(counts, base):
+            before = np.cumsum(counts) - counts
+            first = before[self.element_index == 0]
+            first_of_parent = np.zeros(len(base), np.int64)
+            first_of_parent[p[self.element_index == 0]] = first
+            return base[p] + before - first_of_parent[p]
+
+        self.element.place(
+            sink,
+            rows[p],
+            starts(self.element.count, offset),
+            starts(self.element.env_count, env_offset),
+            [ix[p] for ix in indices] + [self.element_index],
+        )
+
+
+class _Mixed(_Node):
+    """A node whose instances hold different JSON types: one part per type."""
+
+    def __init__(self, n: int, parts: list[tuple[np.ndarray, _Node]]):
+        self.parts = parts
+        self.count = np.zeros(n, np.int64)
+        self.env_count = np.zeros(n, np.int64)
+        for where, node in parts:
+            self.count[where] = node.count
+            self.env_count[where] = node.env_count
+
+    def place(self, sink, rows, offset, env_offset, indices):
+        for where, node in self.parts:
+            node.place(sink, rows[where], offset[where], env_offset[where], [ix[where] for ix in indices])
+
+
+# --------------------------------------------------------------------------
+# Building nodes from DuckDB's typed output
+
+
+class _Builder:
+    """Turns JSON text into nodes, with one DuckDB connection."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, strings: bool, descend: bool):
+        self.con = con
+        self.strings = strings  # False for the outcome branch: strings give no feature
+        self.descend = descend  # False for the outcome branch: only top-level keys
+
+    def _query(self, sql: str, texts: pa.Array, params=None) -> pa.Array:
+        table = pa.table({"j": texts})
+        self.con.register("mb_input", table)
+        try:
+            result = self.con.sql(sql, params=params).to_arrow_table()
+        finally:
+            self.con.unregister("mb_input")
+        return result.column(0).combine_chunks()
+
+    # -- objects
+
+    def objects(self, texts: pa.Array, path: _Path, env: bool) -> _Node:
+        """Node for a column of JSON objects (null where absent)."""
+        n = len(texts)
+        structure = self._query("SELECT json_group_structure(j::JSON) FROM mb_input", texts)[0].as_py()
+        structure = json.loads(structure) if structure is not None else None
+        if not isinstance(structure, dict) or _keys_collide(structure):
+            return self._objects_by_pointer(texts, path, env)
+        shape = self._shape(structure, top=True)
+        if not shape:
+            return _Empty(n)
+        typed = self._query(
+            "SELECT json_transform(j::JSON, $1::VARCHAR) FROM mb_input",
+            texts,
+            [json.dumps(shape, ensure_ascii=False)],
+        )
+        return self._struct(typed, shape, path, env)
+
+    def _objects_by_pointer(self, texts: pa.Array, path: _Path, env: bool) -> _Node:
+        # DuckDB struct field names are case-insensitive: keys such as "a" and "A"
+        # cannot both be fields, so each key's value is extracted by JSON pointer.
+        n = len(texts)
+        keys = self._query("SELECT DISTINCT unnest(json_keys(j::JSON)) FROM mb_input", texts).to_pylist()
+        keys = sorted(k for k in keys if k is not None)
+        if not keys:
+            return _Empty(n)
+        pointers = ["/" + k.replace("~", "~0").replace("/", "~1") for k in keys]
+        values = self._query("SELECT json_extract(j::JSON, $1::VARCHAR[]) FROM mb_input", texts, [pointers])
+        rows_with = np.flatnonzero(np.asarray(values.is_valid().to_numpy(zero_copy_only=False), bool))
+        flat = pc.list_flatten(values)
+        children = []
+        for j, key in enumerate(keys):
+            column = flat.take(pa.array(np.arange(len(rows_with), dtype=np.int64) * len(keys) + j))
+            node = self.mixed(column, path.key(key), env or _is_env_key(key))
+            children.append(_Mixed(n, [(rows_with, node)]))
+        return _Struct(n, children)
+
+    def _shape(self, structure, top: bool = False, element: bool = False):
+        """The structure DuckDB should parse into, or None when it holds no feature.
+
+        Every number becomes DOUBLE (DuckDB rounds integers of any size to the
+        nearest double, and gives inf beyond the range); an object whose keys
+        collide case-insensitively becomes JSON (handled by pointer).
+        """
+        if isinstance(structure, dict):
+            if not (top or self.descend):
+                return None
+            if _keys_collide(structure):
+                return "JSON"
+            shape = {}
+            for key, sub in structure.items():
+                sub_shape = self._shape(sub)
+                if sub_shape is not None:
+                    shape[key] = sub_shape
+            return shape or None
+        if isinstance(structure, list):
+            # a list inside a list is a leaf that gives no feature
+            if element or not self.descend:
+                return None
+            element_shape = self._shape(structure[0], element=True)
+            return [element_shape] if element_shape is not None else None
+        if structure in _NUMERIC_TYPES:
+            return "DOUBLE"
+        if structure == "BOOLEAN":
+            return "BOOLEAN"
+        if structure == "VARCHAR":
+            return "VARCHAR" if self.strings else None
+        if structure == "JSON":
+            return "JSON"
+        return None  # NULL: no feature anywhere below
+
+    def _struct(self, typed: pa.Array, shape: dict, path: _Path, env: bool) -> _Node:
+        n = len(typed)
+        fields = {typed.type.field(i).name: child for i, child in enumerate(typed.flatten())}
+        children = []
+        for key in sorted(shape):
+            child_env = env or _is_env_key(key)
+            children.append(self._typed(fields[key], shape[key], path.key(key), child_env))
+        return _Struct(n, children)
+
+    def _typed(self, values: pa.Array, shape, path: _Path, env: bool, element: bool = False) -> _Node:
+        if isinstance(shape, dict):
+            return self._struct(values, shape, path, env)
+        if isinstance(shape, list):
+            return self._list(values, shape[0], path, env)
+        if shape == "DOUBLE":
+            return _numbers(values, env)
+        if shape == "BOOLEAN":
+            return _numbers(pc.cast(values, pa.float64()), env)
+        if shape == "VARCHAR":
+            return _Strings(values, path, env)
+        return self.mixed(values, path, env, element=element)
+
+    def _list(self, values: pa.Array, element_shape, path: _Path, env: bool) -> _Node:
+        n = len(values)
+        elements = pc.list_flatten(values)
+        parent = np.asarray(pc.list_parent_indices(values).to_numpy(zero_copy_only=False), np.int64)
+        level = sum(1 for p in path.pieces if isinstance(p, int))
+        node = self._typed(elements, element_shape, path.index(level), env, element=True)
+        return _List(n, parent, _index_within(parent, n), node)
+
+    # -- values of mixed JSON type
+
+    def mixed(self, texts: pa.Array, path: _Path, env: bool, element: bool = False) -> _Node:
+        """Node for raw JSON values of any type (null where absent).
+
+        ``element``: the values are list elements, where a nested array is a
+        leaf that gives no feature.
+        """
+        n = len(texts)
+        if n == 0:
+            return _Empty(0)
+        kinds = self._query("SELECT json_type(j::JSON) FROM mb_input", texts).to_numpy(zero_copy_only=False)
+        parts = []
+        for kind in sorted({k for k in kinds if k is not None}):
+            if kind in ("OBJECT", "ARRAY") and not self.descend:
+                continue
+            if kind == "ARRAY" and element:
+                continue
+            if kind == "VARCHAR" and not self.strings:
+                continue
+            if kind == "NULL":
+                continue
+            where = np.flatnonzero(kinds == kind)
+            subset = texts.take(pa.array(where))
+            if kind == "OBJECT":
+                node = self.objects(subset, path, env)
+            elif kind == "ARRAY":
+                node = self._arrays(subset, path, env)
+            elif kind == "VARCHAR":
+                node = _Strings(self._scalar(subset, "VARCHAR"), path, env)
+            elif kind == "BOOLEAN":
+                node = _numbers(pc.cast(self._scalar(subset, "BOOLEAN"), pa.float64()), env)
+            else:
+                node = _numbers(self._scalar(subset, "DOUBLE"), env)
+            parts.append((where, node))
+        return _Mixed(n, parts)
+
+    def _scalar(self, texts: pa.Array, duck_type: str) -> pa.Array:
+        return self._query("SELECT json_transform(j::JSON, $1::VARCHAR) FROM mb_input", texts, [f'"{duck_type}"'])
+
+    def _arrays(self, texts: pa.Array, path: _Path, env: bool) -> _Node:
+        structure = json.loads(self._query("SELECT json_group_structure(j::JSON) FROM mb_input", texts)[0].as_py())
+        if not isinstance(structure, list):
+            structure = ["JSON"]
+        shape = self._shape(structure)
+        if shape is None:
+            return _Empty(len(texts))
+        typed = self._query(
+            "SELECT json_transform(j::JSON, $1::VARCHAR) FROM mb_input",
+            texts,
+            [json.dumps(shape, ensure_ascii=False)],
+        )
+        return self._list(typed, shape[0], path, env)
+
+
+def _numbers(values: pa.Array, env: bool) -> _Numbers:
+    valid = np.asarray(values.is_valid().to_numpy(zero_copy_only=False), bool)
+    data = np.asarray(pc.fill_null(values, 0.0).to_numpy(zero_copy_only=False), np.float64)
+    return _Numbers(data, valid, env)
+
+
+def _index_within(parent: np.ndarray, n: int) -> np.ndarray:
+    """Position of each flattened list element inside its own list."""
+    sizes = np.bincount(parent, minlength=n)
+    starts = np.cumsum(sizes) - sizes
+    return np.arange(len(parent), dtype=np.int64) - starts[parent]
+
+
+def _keys_collide(structure: dict) -> bool:
+    """True when DuckDB cannot make these keys struct fields: an empty key, or
+    two keys equal but for case (field names are case-insensitive)."""
+    if "" in structure:
+        return True
+    seen = set()
+    for key in structure:
+        for folded in {key.lower(), key.casefold(), key.upper()}:
+            if folded in seen:
+                return True
+        seen.update({key.lower(), key.casefold(), key.upper()})
+    return False
+
+
+def _is_env_key(key: str) -> bool:
+    # A needle has no '.', '[' or digit, so it can only match inside one key.
+    return any(needle in key for needle in ENV_NEEDLES)
+
+
+# --------------------------------------------------------------------------
+# Entry points
+
+
+def unnest_config(con: duckdb.DuckDBPyConnection, objects: pa.Array, limit: int) -> Unnested:
+    """Config and env leaves of a column of JSON objects (null for no object)."""
+    builder = _Builder(con, strings=True, descend=True)
+    root = builder.objects(objects, _Path(), False)
+    return _place(root, len(objects), limit, ("config", "env"), {"config": root.count, "env": root.env_count})
+
+
+def unnest_metrics(con: duckdb.DuckDBPyConnection, objects: pa.Array, limit: int) -> Unnested:
+    """Outcome leaves: top-level numbers and booleans of each JSON object."""
+    builder = _Builder(con, strings=False, descend=False)
+    root = builder.objects(objects, _Path(), False)
+    result = _place(root, len(objects), limit, ("config", "env"), {"outcome": root.count})
+    return Unnested(result.counts, {"outcome": result.leaves["config"]})
+
+
+def _place(root: _Node, n: int, limit: int, branches, counts) -> Unnested:
+    sink = _Sink(limit, branches)
+    zeros = np.zeros(n, np.int64)
+    root.place(sink, np.arange(n, dtype=np.int64), zeros, zeros.copy(), [])
+    return Unnested(counts, sink.leaves)

@@ -1,0 +1,18 @@
+"""Write: embedding rows -> joint_embeddings, one transaction per batch.
+
+Takes a store and an ``EmbeddedBatch``; replaces, for every run of the batch,
+the rows of (joint_type, model_id, run_id) with the new one. Runs rejected in
+the batch keep their old rows: nothing about them is known to be better.
+"""
+
+from __future__ import annotations
+
+from .embed import JOINT_TYPE, EmbeddedBatch
+from .stores.base import Store
+
+
+def write_batch(store: Store, batch: EmbeddedBatch, model_id: str) -> int:
+    """Write one batch atomically; returns the number of rows written."""
+    if batch.rows.num_rows:
+        store.replace_embeddings(batch.rows, JOINT_TYPE, model_id)
+    return batch.rows.num_rows
