@@ -152,7 +152,6 @@ def backfill(
                 done += runs
                 if on_progress:
                     on_progress(done, total)
-                block = False
 
         while True:
             item = read_queue.get()

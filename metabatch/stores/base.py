@@ -18,6 +18,15 @@ from ..urls import DatabaseURL
 RUN_COLUMNS = ("run_id", "strategy_id", "universe_id", "end_date", "config_json", "metrics_json")
 # Columns of joint_embeddings the pipeline writes (run_id rides along to find old rows).
 EMBEDDING_COLUMNS = ("joint_type", "as_of_date", "entity_scope", "model_id", "vector")
+# Columns of stream_embeddings: joint_embeddings with entity_scope unpacked.
+EMBEDDING_READ_COLUMNS = (
+    "joint_id", "joint_type", "model_id", "as_of_date", "run_id", "strategy_id",
+    "universe_id", "source", "vector", "created_at",
+)
+# Columns of stream_run_details: backtest_runs for snapshots (JSON as text).
+RUN_DETAIL_COLUMNS = (
+    "run_id", "strategy_id", "universe_id", "start_date", "end_date", "config_json", "metrics_json",
+)
 
 
 @dataclass(frozen=True)
@@ -56,5 +65,14 @@ class Store(Protocol):
     def replace_embeddings(self, rows: pa.Table, joint_type: str, model_id: str) -> None:
         """In one transaction: delete the (joint_type, model_id) rows of the runs in
         ``rows.run_id``, then insert ``rows``. Concurrent callers must not duplicate."""
+
+    def stream_embeddings(self, flt: EmbeddingFilter) -> Iterator[pa.RecordBatch]:
+        """joint_embeddings rows (EMBEDDING_READ_COLUMNS; vector as binary, run_id,
+        strategy_id, universe_id, source taken from entity_scope), filtered by
+        model_id, strategy_ids and as_of_date in [start, end]; streamed."""
+
+    def stream_run_details(self, selection: RunSelection) -> Iterator[pa.RecordBatch]:
+        """backtest_runs rows (RUN_DETAIL_COLUMNS, JSON as text) of the selection,
+        metrics NULL or not, ignoring ``limit``; streamed."""
 
     def close(self) -> None: ...

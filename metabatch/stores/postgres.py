@@ -16,6 +16,7 @@ from typing import Iterator
 import adbc_driver_manager
 import adbc_driver_postgresql.dbapi as adbc
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import MissingTable, StoreUnreachable
 from ..resources import resource_dir
@@ -170,11 +171,9 @@ class PostgresStore:
     # -- embeddings
 
     def replace_embeddings(self, rows: pa.Table, joint_type: str, model_id: str) -> None:
-        run_ids = rows.column("run_id").to_pylist()
-        table = rows.drop_columns(["run_id"])
-        table = table.set_column(
-            table.schema.get_field_index("entity_scope"), "entity_scope", json_array(table.column("entity_scope").combine_chunks())
-        )
+        """Upsert one batch: a run's existing row is updated in place (its joint_id
+        stays), its duplicates are deleted, and new runs are COPied in."""
+        run_ids = rows.column("run_id").combine_chunks()
         try:
             with self.conn.cursor() as cur:
                 # One writer per (joint_type, model_id) at a time: two backfills over
@@ -182,11 +181,43 @@ class PostgresStore:
                 cur.execute("SELECT pg_advisory_xact_lock(hashtext($1))", (f"metabatch:{joint_type}:{model_id}",))
                 cur.fetchall()
                 cur.execute(
-                    "DELETE FROM joint_embeddings WHERE joint_type = $1 AND model_id = $2"
-                    " AND (entity_scope ->> 'run_id') = ANY($3)",
-                    (joint_type, model_id, run_ids),
+                    "SELECT entity_scope ->> 'run_id', min(joint_id), count(*) FROM joint_embeddings"
+                    " WHERE joint_type = $1 AND model_id = $2 AND (entity_scope ->> 'run_id') = ANY($3)"
+                    " GROUP BY 1",
+                    (joint_type, model_id, run_ids.to_pylist()),
                 )
-                if table.num_rows:
+                existing = cur.fetch_arrow_table()
+                if existing.num_rows:
+                    kept = pa.array(existing.column(1).combine_chunks(), pa.int64())
+                    is_existing = pc.is_in(run_ids, value_set=existing.column(0).combine_chunks())
+                    old = rows.filter(is_existing)
+                    keep_ids = pc.take(kept, pc.index_in(old.column("run_id"), value_set=existing.column(0).combine_chunks()))
+                    stage = pa.table(
+                        {
+                            "joint_id": keep_ids,
+                            "as_of_date": old.column("as_of_date"),
+                            "entity_scope": json_array(old.column("entity_scope").combine_chunks()),
+                            "vector": old.column("vector"),
+                        }
+                    )
+                    cur.adbc_ingest("metabatch_upsert_stage", stage, mode="replace", temporary=True)
+                    cur.execute(
+                        "UPDATE joint_embeddings j SET as_of_date = s.as_of_date, entity_scope = s.entity_scope,"
+                        " vector = s.vector, vector_ref = NULL, created_at = now()"
+                        " FROM metabatch_upsert_stage s WHERE j.joint_id = s.joint_id"
+                    )
+                    duplicated = existing.filter(pc.greater(existing.column(2), 1))
+                    if duplicated.num_rows:
+                        cur.execute(
+                            "DELETE FROM joint_embeddings WHERE joint_type = $1 AND model_id = $2"
+                            " AND (entity_scope ->> 'run_id') = ANY($3) AND NOT joint_id = ANY($4)",
+                            (joint_type, model_id, duplicated.column(0).to_pylist(), duplicated.column(1).to_pylist()),
+                        )
+                    rows = rows.filter(pc.invert(is_existing))
+                if rows.num_rows:
+                    table = rows.drop_columns(["run_id"])
+                    index = table.schema.get_field_index("entity_scope")
+                    table = table.set_column(index, "entity_scope", json_array(table.column(index).combine_chunks()))
                     cur.adbc_ingest("joint_embeddings", table, mode="append")
             self.conn.commit()
         except BaseException:
