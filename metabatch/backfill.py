@@ -107,8 +107,8 @@ def backfill(
     write_results: queue.Queue = queue.Queue()
     reader = writer = None
     try:
-        writer_store.check_table("joint_embeddings")
         total = reader_store.count_runs(selection)
+        writer_store.check_table("joint_embeddings")
         if on_progress:
             on_progress(0, total)
         reader = threading.Thread(

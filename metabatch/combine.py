@@ -31,37 +31,40 @@ class Combined:
 
 
 def combine(branches: dict[str, Branch], weights: dict[str, float]) -> Combined:
-    """Weighted average of the branches taken, in the spec's float32 order."""
+    """Weighted average of the branches taken, in the spec's float32 order.
+
+    An absent branch's row is all +0.0, and adding +0.0 to a sum that starts
+    at +0.0 changes nothing, so every branch with weight > 0 is added to every
+    row (no masking); only the denominator depends on which branches a run has.
+    The branch matrices are consumed (scaled in place).
+    """
     n = len(next(iter(branches.values())).present)
     acc = np.zeros((n, DIM), np.float32)
     denominator = np.zeros(n, np.float32)
-    taken_any = np.zeros(n, bool)
     taken_mask = np.zeros(n, np.int64)  # bit i set: branch i taken
-    branch_bad = {}
+    taken = {}
     with np.errstate(over="ignore", invalid="ignore"):
-        for name in BRANCH_NAMES:
+        for i, name in enumerate(BRANCH_NAMES):
             w = np.float32(weights[name])
             if not w > 0:
                 continue
             branch = branches[name]
-            taken = branch.present
-            term = w * branch.matrix  # float32 * float32 -> float32
-            acc = np.where(taken[:, None], acc + term, acc)
-            denominator = np.where(taken, denominator + w, denominator)
-            taken_mask |= taken.astype(np.int64) << BRANCH_NAMES.index(name)
-            taken_any |= taken
-            branch_bad[name] = taken & ~np.isfinite(branch.matrix).all(axis=1)
-        vectors = acc / np.where(taken_any, denominator, np.float32(1))[:, None]
-    source = _SOURCE_TAGS[taken_mask]
-    nonfinite = taken_any & ~np.isfinite(vectors).all(axis=1)
+            taken[name] = branch
+            np.multiply(branch.matrix, w, out=branch.matrix)  # float32 * float32
+            np.add(acc, branch.matrix, out=acc)
+            denominator = np.where(branch.present, denominator + w, denominator)
+            taken_mask |= branch.present.astype(np.int64) << i
+        skipped = taken_mask == 0
+        np.divide(acc, np.where(skipped, np.float32(1), denominator)[:, None], out=acc)
+    nonfinite = ~skipped & ~np.isfinite(acc).all(axis=1)
     reasons = np.full(n, "", dtype=object)
-    for i in np.flatnonzero(nonfinite):  # only the (rare) rejected runs
-        culprits = [name for name, bad in branch_bad.items() if bad[i]]
+    for row in np.flatnonzero(nonfinite):  # only the (rare) rejected runs
+        culprits = [name for name, b in taken.items() if b.present[row] and not np.isfinite(b.matrix[row]).all()]
         if culprits:
-            reasons[i] = (
+            reasons[row] = (
                 f"a number in the {' and '.join(culprits)} branch is beyond the float32 range; "
                 "the vector would not be finite"
             )
         else:
-            reasons[i] = "the weighted sum overflows float32; the vector would not be finite"
-    return Combined(vectors.astype(np.float32, copy=False), source, ~taken_any, nonfinite, reasons)
+            reasons[row] = "the weighted sum overflows float32; the vector would not be finite"
+    return Combined(acc, _SOURCE_TAGS[taken_mask], skipped, nonfinite, reasons)

@@ -288,7 +288,7 @@ class _Builder:
         if not shape:
             return _Empty(n)
         typed = self._query(
-            "SELECT json_transform(j::JSON, $1::VARCHAR) FROM mb_input",
+            "SELECT json_transform(j, $1::VARCHAR) FROM mb_input",
             texts,
             [json.dumps(shape, ensure_ascii=False)],
         )
@@ -298,12 +298,12 @@ class _Builder:
         # DuckDB struct field names are case-insensitive: keys such as "a" and "A"
         # cannot both be fields, so each key's value is extracted by JSON pointer.
         n = len(texts)
-        keys = self._query("SELECT DISTINCT unnest(json_keys(j::JSON)) FROM mb_input", texts).to_pylist()
+        keys = self._query("SELECT DISTINCT unnest(json_keys(j)) FROM mb_input", texts).to_pylist()
         keys = sorted(k for k in keys if k is not None)
         if not keys:
             return _Empty(n)
         pointers = ["/" + k.replace("~", "~0").replace("/", "~1") for k in keys]
-        values = self._query("SELECT json_extract(j::JSON, $1::VARCHAR[]) FROM mb_input", texts, [pointers])
+        values = self._query("SELECT json_extract(j, $1::VARCHAR[]) FROM mb_input", texts, [pointers])
         rows_with = np.flatnonzero(np.asarray(values.is_valid().to_numpy(zero_copy_only=False), bool))
         flat = pc.list_flatten(values)
         children = []
@@ -388,7 +388,7 @@ class _Builder:
         n = len(texts)
         if n == 0:
             return _Empty(0)
-        kinds = self._query("SELECT json_type(j::JSON) FROM mb_input", texts).to_numpy(zero_copy_only=False)
+        kinds = self._query("SELECT json_type(j) FROM mb_input", texts).to_numpy(zero_copy_only=False)
         parts = []
         for kind in sorted({k for k in kinds if k is not None}):
             if kind in ("OBJECT", "ARRAY") and not self.descend:
@@ -415,7 +415,7 @@ class _Builder:
         return _Mixed(n, parts)
 
     def _scalar(self, texts: pa.Array, duck_type: str) -> pa.Array:
-        return self._query("SELECT json_transform(j::JSON, $1::VARCHAR) FROM mb_input", texts, [f'"{duck_type}"'])
+        return self._query("SELECT json_transform(j, $1::VARCHAR) FROM mb_input", texts, [f'"{duck_type}"'])
 
     def _arrays(self, texts: pa.Array, path: _Path, env: bool) -> _Node:
         structure = json.loads(self._query("SELECT json_group_structure(j::JSON) FROM mb_input", texts)[0].as_py())
@@ -425,7 +425,7 @@ class _Builder:
         if shape is None:
             return _Empty(len(texts))
         typed = self._query(
-            "SELECT json_transform(j::JSON, $1::VARCHAR) FROM mb_input",
+            "SELECT json_transform(j, $1::VARCHAR) FROM mb_input",
             texts,
             [json.dumps(shape, ensure_ascii=False)],
         )

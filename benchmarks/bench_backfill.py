@@ -1,0 +1,213 @@
+"""Benchmark: metabatch backfill against a row-at-a-time baseline and the I/O floor.
+
+For each size N it makes a PostgreSQL database, seeds N runs (not timed),
+then measures, on the same data and in the same run:
+
+- metabatch backfill (a fresh process: wall time, runs/s, time per stage,
+  peak RSS);
+- baseline (a): the spec done row at a time, as the existing tool does it: a
+  cursor over the runs, tests/reference_v1.py per row, one INSERT per row
+  (on at most --baseline-max runs; runs/s);
+- baseline (b), the I/O floor: psql binary COPY out of the selected input
+  columns, plus binary COPY in of as many output rows of the same size into a
+  table defined like joint_embeddings (same indexes).
+
+Usage:
+    python benchmarks/bench_backfill.py --runs 10000 100000 1000000
+Prints one table and writes benchmarks/out/backfill-<N>.json per size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import adbc_driver_postgresql.dbapi as adbc
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+SERVER = os.environ.get("METABATCH_BENCH_PG", "postgresql://root@127.0.0.1:5432")
+SELECT_INPUT = (
+    "SELECT run_id, strategy_id, universe_id, end_date, config_json, metrics_json"
+    " FROM backtest_runs WHERE metrics_json IS NOT NULL"
+)
+
+
+def admin(sql: str) -> None:
+    with adbc.connect(f"{SERVER}/postgres", autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(sql)
+
+
+def database_for(n: int, seed: int, reseed: bool) -> str:
+    """A database holding exactly the N seeded runs (reused across benchmark runs)."""
+    name = f"metabatch_bench_{n}_{seed}"
+    url = f"{SERVER}/{name}"
+    exists = True
+    try:
+        with adbc.connect(url) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM backtest_runs")
+            exists = cur.fetchall()[0][0] == n
+    except Exception:
+        exists = False
+    if exists and not reseed:
+        return url
+    admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin(f'CREATE DATABASE "{name}"')
+    env = {**os.environ, "METABATCH_RUNTIME_URL": url}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "metabatch", "migrate"], env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "metabatch", "seed", "--runs", str(n), "--seed", str(seed), "--quiet"],
+        env=env, check=True, stdout=subprocess.DEVNULL,
+    )
+    print(f"  seeded {n} runs in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    with adbc.connect(url, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("VACUUM ANALYZE backtest_runs")
+    return url
+
+
+def sql(url: str, statement: str):
+    with adbc.connect(url, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(statement)
+        try:
+            return cur.fetchall()
+        except Exception:
+            return None
+
+
+def run_metabatch(url: str, batch_size: int) -> dict:
+    """One backfill in a fresh process; its summary plus its peak RSS."""
+    sql(url, "TRUNCATE joint_embeddings")
+    code = (
+        "import json, resource, sys, time\n"
+        "from metabatch.backfill import backfill\n"
+        "from metabatch.urls import parse_url\n"
+        f"s = backfill(parse_url({url!r}), batch_rows={batch_size})\n"
+        "d = s.as_dict(max_rejected=3)\n"
+        "d['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "print(json.dumps(d))\n"
+    )
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["process_wall_seconds"] = wall
+    return result
+
+
+def run_row_at_a_time(url: str, limit: int) -> dict:
+    """Baseline (a): cursor, per-row Python encoding, one INSERT per row."""
+    import reference_v1 as ref
+
+    sql(url, "DROP TABLE IF EXISTS baseline_embeddings")
+    sql(url, "CREATE TABLE baseline_embeddings (LIKE joint_embeddings INCLUDING ALL)")
+    t0 = time.perf_counter()
+    conn = adbc.connect(url)
+    read, write = conn.cursor(), conn.cursor()
+    read.execute(
+        "SELECT run_id, strategy_id, universe_id, end_date, config_json::text, metrics_json::text"
+        f" FROM backtest_runs WHERE metrics_json IS NOT NULL LIMIT {int(limit)}"
+    )
+    n = 0
+    while (row := read.fetchone()) is not None:
+        run_id, strategy_id, universe_id, end_date, config, metrics = row
+        n += 1
+        try:
+            vector, source = ref.encode_run(config, metrics)
+        except ref.Rejected:
+            continue
+        if vector is None:
+            continue
+        scope = json.dumps({"run_id": run_id, "strategy_id": strategy_id, "universe_id": universe_id, "source": source})
+        write.execute(
+            "INSERT INTO baseline_embeddings (joint_type, as_of_date, entity_scope, model_id, vector)"
+            " VALUES ('META_CONFIG_ENV_V0', $1, $2::jsonb, 'joint-meta-config-env-v1', $3)",
+            (end_date, scope, vector),
+        )
+    conn.commit()
+    conn.close()
+    seconds = time.perf_counter() - t0
+    sql(url, "DROP TABLE baseline_embeddings")
+    return {"runs": n, "seconds": seconds, "runs_per_second": n / seconds}
+
+
+def psql(url: str, command: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["psql", url, "-q", "-v", "ON_ERROR_STOP=1", "-c", command], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def run_io_floor(url: str) -> dict:
+    """Baseline (b): binary COPY out of the input columns + COPY in of the output rows."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rows_file = Path(tmp) / "out.bin"
+        copy_out = psql(url, f"\\copy ({SELECT_INPUT}) TO '/dev/null' WITH (FORMAT binary)")
+        # the output rows metabatch wrote are the rows to COPY in
+        psql(url, f"\\copy (SELECT joint_type, as_of_date, entity_scope, model_id, vector FROM joint_embeddings) TO '{rows_file}' WITH (FORMAT binary)")
+        sql(url, "DROP TABLE IF EXISTS floor_embeddings")
+        sql(url, "CREATE TABLE floor_embeddings (LIKE joint_embeddings INCLUDING ALL)")
+        copy_in = psql(url, f"\\copy floor_embeddings (joint_type, as_of_date, entity_scope, model_id, vector) FROM '{rows_file}' WITH (FORMAT binary)")
+        sql(url, "DROP TABLE floor_embeddings")
+    return {"copy_out_seconds": copy_out, "copy_in_seconds": copy_in, "seconds": copy_out + copy_in}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--batch-size", type=int, default=50_000)
+    parser.add_argument("--baseline-max", type=int, default=50_000, help="runs for the row-at-a-time baseline")
+    parser.add_argument("--reseed", action="store_true", help="reseed even if a bench database exists")
+    args = parser.parse_args()
+    out_dir = ROOT / "benchmarks" / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    rows = []
+    for n in args.runs:
+        print(f"N = {n}", file=sys.stderr)
+        url = database_for(n, args.seed, args.reseed)
+        ours = run_metabatch(url, args.batch_size)
+        floor = run_io_floor(url)
+        baseline = run_row_at_a_time(url, min(n, args.baseline_max))
+        result = {
+            "runs": n,
+            "metabatch": ours,
+            "row_at_a_time": baseline,
+            "io_floor": floor,
+            "speedup_vs_row_at_a_time": ours["runs_per_second"] / baseline["runs_per_second"],
+            "ratio_to_io_floor": ours["elapsed_seconds"] / floor["seconds"],
+        }
+        (out_dir / f"backfill-{n}.json").write_text(json.dumps(result, indent=2))
+        rows.append(result)
+        stages = " ".join(f"{k}={v:.2f}" for k, v in ours["stage_seconds"].items())
+        print(
+            f"N={n:>9,}  metabatch {ours['elapsed_seconds']:7.2f}s {ours['runs_per_second']:>9,.0f} runs/s"
+            f"  peak RSS {ours['peak_rss_mb']:6.0f} MB  [{stages}]"
+        )
+        print(
+            f"{'':13}row-at-a-time {baseline['runs_per_second']:>7,.0f} runs/s ({baseline['runs']} runs)"
+            f"  -> metabatch is {result['speedup_vs_row_at_a_time']:.1f}x"
+        )
+        print(
+            f"{'':13}I/O floor {floor['seconds']:7.2f}s (COPY out {floor['copy_out_seconds']:.2f}s + COPY in"
+            f" {floor['copy_in_seconds']:.2f}s) -> metabatch is {result['ratio_to_io_floor']:.2f}x the floor"
+        )
+        sys.stdout.flush()
+    if len(rows) > 1:
+        small, big = rows[0], rows[-1]
+        print(
+            f"peak RSS {big['runs']:,} / {small['runs']:,} runs: "
+            f"{big['metabatch']['peak_rss_mb'] / small['metabatch']['peak_rss_mb']:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
