@@ -19,6 +19,7 @@ from typing import Callable
 import duckdb
 
 from .embed import DEFAULT_MODEL_ID, EmbeddedBatch, Weights, embed_batch
+from .unnest import ShapeCache
 from .read import read_runs
 from .stores import open_store
 from .stores.base import RunSelection
@@ -101,6 +102,7 @@ def backfill(
         reader_store.close()
         raise
     con = duckdb.connect()
+    shapes = ShapeCache()
     stop = threading.Event()
     read_queue: queue.Queue = queue.Queue(maxsize=2)
     write_queue: queue.Queue = queue.Queue(maxsize=1)
@@ -159,7 +161,7 @@ def backfill(
                 break
             if isinstance(item, BaseException):
                 raise item
-            batch: EmbeddedBatch = embed_batch(item, weights, model_id, con)
+            batch: EmbeddedBatch = embed_batch(item, weights, model_id, con, shapes)
             for stage, seconds in batch.seconds.items():
                 summary.stage_seconds[stage] += seconds
             summary.runs_read += item.num_rows

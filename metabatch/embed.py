@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from .combine import combine
 from .encode import DIM, to_branch
-from .unnest import unnest_config, unnest_metrics
+from .unnest import ShapeCache, unnest_config, unnest_metrics
 
 JOINT_TYPE = "META_CONFIG_ENV_V0"
 DEFAULT_MODEL_ID = "joint-meta-config-env-v1"
@@ -79,15 +79,20 @@ def embed_batch(
     weights: Weights = Weights(),
     model_id: str = DEFAULT_MODEL_ID,
     con: duckdb.DuckDBPyConnection | None = None,
+    cache: ShapeCache | None = None,
 ) -> EmbeddedBatch:
-    """Encode a batch of runs into joint embedding rows (see the module docstring)."""
+    """Encode a batch of runs into joint embedding rows (see the module docstring).
+
+    ``cache``: pass one ``ShapeCache`` to every batch of a job so that later
+    batches reuse the JSON structure learnt from earlier ones.
+    """
     con = con or duckdb.connect()
     n = runs.num_rows
     seconds = {}
     t0 = time.perf_counter()
     config, config_bad = _top_level_objects(con, runs.column("config_json").combine_chunks(), "config_json")
     metrics, metrics_bad = _top_level_objects(con, runs.column("metrics_json").combine_chunks(), "metrics_json")
-    cfg = unnest_config(con, config, DIM)
+    cfg = unnest_config(con, config, DIM, cache)
     out = unnest_metrics(con, metrics, DIM)
     t1 = time.perf_counter()
     branches = {

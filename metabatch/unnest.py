@@ -254,6 +254,111 @@ class _Mixed(_Node):
             node.place(sink, rows[where], offset[where], env_offset[where], [ix[where] for ix in indices])
 
 
+class _Filtered(_Node):
+    """A node over the runs (root level) with some runs left out."""
+
+    def __init__(self, node: _Node, keep: np.ndarray):
+        self.node, self.keep = node, keep
+        self.count = np.where(keep, node.count, 0)
+        self.env_count = np.where(keep, node.env_count, 0)
+
+    def place(self, sink, rows, offset, env_offset, indices):
+        self.node.place(_FilterSink(sink, self.keep), rows, offset, env_offset, indices)
+
+
+class _FilterSink:
+    """Passes on only the leaves of kept rows."""
+
+    def __init__(self, sink: _Sink, keep: np.ndarray):
+        self.sink, self.keep = sink, keep
+
+    def numbers(self, branch, rows, positions, values):
+        k = self.keep[rows]
+        self.sink.numbers(branch, rows[k], positions[k], values[k])
+
+    def strings(self, branch, rows, positions, tokens):
+        k = self.keep[rows]
+        self.sink.strings(branch, rows[k], positions[k], tokens.filter(pa.array(k)))
+
+
+@dataclass
+class ShapeCache:
+    """The merged JSON structure of the config objects seen so far (across batches)."""
+
+    structure: object = None
+
+
+def _merge_structures(a, b):
+    """The structure that covers both (DuckDB's structure notation)."""
+    if a is None or a == "NULL":
+        return b
+    if b is None or b == "NULL":
+        return a
+    if isinstance(a, dict) and isinstance(b, dict):
+        merged = dict(a)
+        for key, sub in b.items():
+            merged[key] = _merge_structures(a.get(key), sub)
+        return merged
+    if isinstance(a, list) and isinstance(b, list):
+        return [_merge_structures(a[0], b[0])]
+    if a == b:
+        return a
+    if isinstance(a, (dict, list)) or isinstance(b, (dict, list)):
+        return "JSON"
+    return "JSON" if "JSON" in (a, b) or "VARCHAR" in (a, b) or "BOOLEAN" in (a, b) else "DOUBLE"
+
+
+# Byte classes for scalar_counts, as bit flags.
+_QUOTE, _COLON, _SCALAR_START, _SEPARATOR, _BACKSLASH = 1, 2, 4, 8, 16
+_BYTE_CLASS = np.zeros(256, np.uint8)
+_BYTE_CLASS[ord('"')] = _QUOTE
+_BYTE_CLASS[ord(":")] = _COLON | _SEPARATOR
+_BYTE_CLASS[[ord(c) for c in "-0123456789tf"]] = _SCALAR_START
+_BYTE_CLASS[[ord(c) for c in " [,\t\n\r"]] = _SEPARATOR
+_BYTE_CLASS[ord("\\")] = _BACKSLASH
+
+
+def scalar_counts(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Per JSON text: how many non-null scalars it holds, and whether the count
+    is reliable (no backslash: then every quote opens or closes a string).
+
+    2 x count = quotes - 2 x keys + 2 x (numbers and booleans), where a key is
+    a colon outside strings and a number or boolean is a token starting right
+    after a separator outside strings. One pass of byte classes, no per-text loop.
+    """
+    texts = texts.cast(pa.string())
+    n = len(texts)
+    offsets = np.frombuffer(texts.buffers()[1], np.int32)[texts.offset : texts.offset + n + 1].astype(np.int64)
+    data_buffer = texts.buffers()[2]
+    data = np.frombuffer(data_buffer, np.uint8)[offsets[0] : offsets[-1]] if data_buffer is not None else np.zeros(0, np.uint8)
+    offsets -= offsets[0]
+    if not len(data):
+        return np.zeros(n, np.int64), np.ones(n, bool)
+    def per_text(mask):
+        return np.diff(np.searchsorted(np.flatnonzero(mask), offsets))
+
+    cls = _BYTE_CLASS[data]
+    quote = cls & _QUOTE
+    quotes = per_text(quote)
+    odd = np.flatnonzero(quotes & 1)  # only texts with escaped quotes: unreliable anyway
+    if len(odd):
+        # flip the parity back at their last byte, so the next texts start outside strings
+        last = offsets[odd + 1] - 1
+        quote[last] ^= 1
+    outside = (np.bitwise_xor.accumulate(quote) ^ 1).view(bool)  # closing quotes count as outside
+    after_separator = np.empty(len(cls), bool)
+    after_separator[0] = True
+    np.not_equal(cls[:-1] & _SEPARATOR, 0, out=after_separator[1:])
+    scalar = np.not_equal(cls & _SCALAR_START, 0)
+    scalar &= after_separator
+    scalar &= outside
+    key = np.not_equal(cls & _COLON, 0)
+    key &= outside
+    counts = quotes - 2 * per_text(key) + 2 * per_text(scalar)
+    clean = per_text(cls & _BACKSLASH) == 0
+    return counts // 2, clean
+
+
 # --------------------------------------------------------------------------
 # Building nodes from DuckDB's typed output
 
@@ -279,12 +384,17 @@ class _Builder:
 
     def objects(self, texts: pa.Array, path: _Path, env: bool) -> _Node:
         """Node for a column of JSON objects (null where absent)."""
-        n = len(texts)
+        return self._objects_with(texts, self._structure(texts), path, env)
+
+    def _structure(self, texts: pa.Array):
         structure = self._query("SELECT json_group_structure(j::JSON) FROM mb_input", texts)[0].as_py()
-        structure = json.loads(structure) if structure is not None else None
+        return json.loads(structure) if structure is not None else None
+
+    def _objects_with(self, texts: pa.Array, structure, path: _Path, env: bool, raw: bool = False) -> _Node:
+        n = len(texts)
         if not isinstance(structure, dict) or _keys_collide(structure):
             return self._objects_by_pointer(texts, path, env)
-        shape = self._shape(structure, top=True)
+        shape = self._shape(structure, top=True, raw=raw)
         if not shape:
             return _Empty(n)
         typed = self._query(
@@ -293,6 +403,32 @@ class _Builder:
             [json.dumps(shape, ensure_ascii=False)],
         )
         return self._struct(typed, shape, path, env)
+
+    def root_objects(self, texts: pa.Array, cache: "ShapeCache") -> _Node:
+        """Like ``objects`` for the root, reusing the structure of earlier batches.
+
+        Inferring the structure costs DuckDB about three times the parse
+        itself, so a batch is first parsed with the structure seen so far, its
+        scalars parsed as raw JSON (no silent casts), and every run's feature
+        count is checked against the scalars counted in its text. Only the
+        runs that do not match (new keys or shapes) pay for inference.
+        """
+        n = len(texts)
+        usable = isinstance(cache.structure, dict) and not _keys_collide(cache.structure)
+        if not usable:
+            cache.structure = self._structure(texts)
+            return self._objects_with(texts, cache.structure, _Path(), False)
+        fast = self._objects_with(texts, cache.structure, _Path(), False, raw=True)
+        expected, clean = scalar_counts(texts)
+        bad = np.asarray(texts.is_valid().to_numpy(zero_copy_only=False), bool) & ((fast.count != expected) | ~clean)
+        if not bad.any():
+            return fast
+        rows = np.flatnonzero(bad)
+        subset = texts.take(pa.array(rows))
+        structure = self._structure(subset)
+        cache.structure = _merge_structures(cache.structure, structure)
+        slow = self._objects_with(subset, structure, _Path(), False)
+        return _Mixed(n, [(np.arange(n), _Filtered(fast, ~bad)), (rows, slow)])
 
     def _objects_by_pointer(self, texts: pa.Array, path: _Path, env: bool) -> _Node:
         # DuckDB struct field names are case-insensitive: keys such as "a" and "A"
@@ -313,7 +449,7 @@ class _Builder:
             children.append(_Mixed(n, [(rows_with, node)]))
         return _Struct(n, children)
 
-    def _shape(self, structure, top: bool = False, element: bool = False):
+    def _shape(self, structure, top: bool = False, element: bool = False, raw: bool = False):
         """The structure DuckDB should parse into, or None when it holds no feature.
 
         Every number becomes DOUBLE (DuckDB rounds integers of any size to the
@@ -327,7 +463,7 @@ class _Builder:
                 return "JSON"
             shape = {}
             for key, sub in structure.items():
-                sub_shape = self._shape(sub)
+                sub_shape = self._shape(sub, raw=raw)
                 if sub_shape is not None:
                     shape[key] = sub_shape
             return shape or None
@@ -335,8 +471,11 @@ class _Builder:
             # a list inside a list is a leaf that gives no feature
             if element or not self.descend:
                 return None
-            element_shape = self._shape(structure[0], element=True)
+            element_shape = self._shape(structure[0], element=True, raw=raw)
             return [element_shape] if element_shape is not None else None
+        if raw and structure in _NUMERIC_TYPES | {"BOOLEAN", "VARCHAR"}:
+            # raw JSON text: a stale structure must not cast silently (5 -> "5")
+            return "JSON" if (self.strings or structure != "VARCHAR") else None
         if structure in _NUMERIC_TYPES:
             return "DOUBLE"
         if structure == "BOOLEAN":
@@ -382,40 +521,50 @@ class _Builder:
     def mixed(self, texts: pa.Array, path: _Path, env: bool, element: bool = False) -> _Node:
         """Node for raw JSON values of any type (null where absent).
 
-        ``element``: the values are list elements, where a nested array is a
-        leaf that gives no feature.
+        Scalars are parsed here with Arrow (exact: Arrow's string-to-double
+        cast rounds correctly, and gives inf past the range); objects and
+        arrays go back to DuckDB. ``element``: the values are list elements,
+        where a nested array is a leaf that gives no feature.
         """
         n = len(texts)
-        if n == 0:
-            return _Empty(0)
-        kinds = self._query("SELECT json_type(j) FROM mb_input", texts).to_numpy(zero_copy_only=False)
+        if n == 0 or texts.null_count == n:
+            return _Empty(n)
+        codes = _KIND_OF_FIRST_BYTE[_first_bytes(texts)]
+        json_null = codes == _KINDS.index("null")
+        if json_null.sum() > texts.null_count:
+            # a JSON null (the text 'null', e.g. from json_extract) gives no feature:
+            # make it an absent value, or the one-kind paths below would parse it
+            texts = pc.if_else(pa.array(json_null), pa.scalar(None, texts.type), texts)
+        present = [_KINDS[c] for c in np.flatnonzero(np.bincount(codes, minlength=len(_KINDS))) if c]
+        # the common case, one kind of scalar: no take, nulls stay nulls
+        if present == ["number"]:
+            return _numbers(pc.cast(texts, pa.float64()), env)
+        if present == ["string"] and self.strings:
+            return _Strings(_json_strings(texts), path, env)
+        if present == ["boolean"]:
+            return _numbers(pc.cast(pc.starts_with(texts, "t"), pa.float64()), env)
         parts = []
-        for kind in sorted({k for k in kinds if k is not None}):
-            if kind in ("OBJECT", "ARRAY") and not self.descend:
+        for kind in present:
+            if kind in ("object", "array") and not self.descend:
                 continue
-            if kind == "ARRAY" and element:
+            if kind == "array" and element:
                 continue
-            if kind == "VARCHAR" and not self.strings:
+            if kind == "string" and not self.strings:
                 continue
-            if kind == "NULL":
-                continue
-            where = np.flatnonzero(kinds == kind)
+            where = np.flatnonzero(codes == _KINDS.index(kind))
             subset = texts.take(pa.array(where))
-            if kind == "OBJECT":
+            if kind == "object":
                 node = self.objects(subset, path, env)
-            elif kind == "ARRAY":
+            elif kind == "array":
                 node = self._arrays(subset, path, env)
-            elif kind == "VARCHAR":
-                node = _Strings(self._scalar(subset, "VARCHAR"), path, env)
-            elif kind == "BOOLEAN":
-                node = _numbers(pc.cast(self._scalar(subset, "BOOLEAN"), pa.float64()), env)
+            elif kind == "string":
+                node = _Strings(_json_strings(subset), path, env)
+            elif kind == "boolean":
+                node = _numbers(pc.cast(pc.starts_with(subset, "t"), pa.float64()), env)
             else:
-                node = _numbers(self._scalar(subset, "DOUBLE"), env)
+                node = _numbers(pc.cast(subset, pa.float64()), env)
             parts.append((where, node))
         return _Mixed(n, parts)
-
-    def _scalar(self, texts: pa.Array, duck_type: str) -> pa.Array:
-        return self._query("SELECT json_transform(j, $1::VARCHAR) FROM mb_input", texts, [f'"{duck_type}"'])
 
     def _arrays(self, texts: pa.Array, path: _Path, env: bool) -> _Node:
         structure = json.loads(self._query("SELECT json_group_structure(j::JSON) FROM mb_input", texts)[0].as_py())
@@ -430,6 +579,44 @@ class _Builder:
             [json.dumps(shape, ensure_ascii=False)],
         )
         return self._list(typed, shape[0], path, env)
+
+
+# What a JSON value is, by its first byte (0: null or absent).
+_KINDS = ("null", "number", "string", "boolean", "object", "array")
+_KIND_OF_FIRST_BYTE = np.full(256, _KINDS.index("number"), dtype=np.uint8)
+_KIND_OF_FIRST_BYTE[0] = _KIND_OF_FIRST_BYTE[ord("n")] = _KINDS.index("null")
+_KIND_OF_FIRST_BYTE[ord('"')] = _KINDS.index("string")
+_KIND_OF_FIRST_BYTE[ord("t")] = _KIND_OF_FIRST_BYTE[ord("f")] = _KINDS.index("boolean")
+_KIND_OF_FIRST_BYTE[ord("{")] = _KINDS.index("object")
+_KIND_OF_FIRST_BYTE[ord("[")] = _KINDS.index("array")
+
+
+def _first_bytes(texts: pa.Array) -> np.ndarray:
+    """The first non-blank byte of each text, 0 where null or empty."""
+    texts = pc.utf8_ltrim_whitespace(texts.cast(pa.string()))
+    n = len(texts)
+    offsets = np.frombuffer(texts.buffers()[1], np.int32)[texts.offset : texts.offset + n + 1]
+    data_buffer = texts.buffers()[2]
+    data = np.frombuffer(data_buffer, np.uint8) if data_buffer is not None else np.zeros(1, np.uint8)
+    starts, ends = offsets[:-1], offsets[1:]
+    first = np.where(ends > starts, data[np.minimum(starts, max(len(data) - 1, 0))], 0).astype(np.uint8)
+    if texts.null_count:
+        first[~np.asarray(texts.is_valid().to_numpy(zero_copy_only=False), bool)] = 0
+    return first
+
+
+def _json_strings(literals: pa.Array) -> pa.Array:
+    """Decode JSON string literals ("...") to their text; escapes only through json.loads,
+    once per distinct literal that has a backslash."""
+    literals = pc.utf8_trim_whitespace(literals)
+    inner = pc.utf8_slice_codeunits(literals, 1, -1)
+    escaped = pc.fill_null(pc.match_substring(literals, "\\"), False)
+    if not pc.any(escaped).as_py():
+        return inner
+    which = np.flatnonzero(np.asarray(escaped.to_numpy(zero_copy_only=False), bool))
+    encoded = pc.dictionary_encode(literals.take(pa.array(which)))
+    decoded = pa.array([json.loads(t) for t in encoded.dictionary.to_pylist()], pa.string())
+    return pc.replace_with_mask(inner, escaped, decoded.take(encoded.indices))
 
 
 def _numbers(values: pa.Array, env: bool) -> _Numbers:
@@ -468,10 +655,19 @@ def _is_env_key(key: str) -> bool:
 # Entry points
 
 
-def unnest_config(con: duckdb.DuckDBPyConnection, objects: pa.Array, limit: int) -> Unnested:
-    """Config and env leaves of a column of JSON objects (null for no object)."""
+def unnest_config(
+    con: duckdb.DuckDBPyConnection, objects: pa.Array, limit: int, cache: ShapeCache | None = None
+) -> Unnested:
+    """Config and env leaves of a column of JSON objects (null for no object).
+
+    Pass the same ``cache`` for every batch of a job: later batches then reuse
+    the structure of earlier ones (see ``_Builder.root_objects``).
+    """
     builder = _Builder(con, strings=True, descend=True)
-    root = builder.objects(objects, _Path(), False)
+    if cache is None:
+        root = builder.objects(objects, _Path(), False)
+    else:
+        root = builder.root_objects(objects, cache)
     return _place(root, len(objects), limit, ("config", "env"), {"config": root.count, "env": root.env_count})
 
 

@@ -1,0 +1,100 @@
+"""Later batches reuse the JSON structure of earlier ones (unnest.ShapeCache):
+the vectors must stay bit-exact when the shapes drift between batches."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import pyarrow as pa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import reference_v1 as ref
+from metabatch.embed import Weights, embed_batch
+from metabatch.unnest import ShapeCache, scalar_counts
+
+KEYS = st.sampled_from(["a", "b", "market_id", "lookback", "sleeves", "x y", "A", "é", ""])
+SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**25), 10**25), st.floats(allow_nan=False, allow_infinity=False, width=32),
+    st.text(alphabet="ab \\\"é:[,{1", max_size=6),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(KEYS, inner, max_size=4)),
+    max_leaves=12,
+)
+CONFIGS = st.dictionaries(KEYS, VALUES, max_size=5)
+
+
+def _table(configs, start):
+    n = len(configs)
+    return pa.table(
+        {
+            "run_id": [f"r{start + i}" for i in range(n)],
+            "strategy_id": ["S"] * n,
+            "universe_id": ["U"] * n,
+            "end_date": pa.array([None] * n, pa.date32()),
+            "config_json": [json.dumps(c, ensure_ascii=False) for c in configs],
+            "metrics_json": ['{"sharpe": 1.5}'] * n,
+        }
+    )
+
+
+def _check(batch_table, result):
+    got = {r["run_id"]: r["vector"] for r in result.rows.select(["run_id", "vector"]).to_pylist()}
+    rejected = {r for r, _ in result.rejected}
+    for row in batch_table.select(["run_id", "config_json", "metrics_json"]).to_pylist():
+        try:
+            want, _ = ref.encode_run(row["config_json"], row["metrics_json"])
+        except ref.Rejected:
+            assert row["run_id"] in rejected
+            continue
+        assert got.get(row["run_id"]) == want, row["config_json"]
+
+
+BATCHES = [
+    [{"a": 1, "b": "x", "sleeves": [{"id": "S1", "w": 0.5}]}] * 3,
+    [{"a": "now a string", "b": 2, "sleeves": [{"id": "S1", "w": 0.5, "new": True}, 5, [1, 2]]}],
+    [{"a": {"nested": 1}, "sleeves": "legacy", "c": [[1], {"d": "e"}]}, {"a": [1, 2], "b": None}],
+    [{"a": 1, "b": "x\\y \"quoted\"", "sleeves": [{"id": "S2"}]}, {"a": 1, "A": 2}],
+    [{"": {"market_id": "M"}, "a": 3}, {"a": True, "b": 1e300, "sleeves": []}],
+]
+
+
+def test_drifting_shapes_across_batches():
+    con, cache = duckdb.connect(), ShapeCache()
+    start = 0
+    for configs in BATCHES + BATCHES[::-1]:
+        table = _table(configs, start)
+        start += len(configs)
+        _check(table, embed_batch(table, Weights(1.0, 1.0, 1.0), con=con, cache=cache))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(CONFIGS, min_size=1, max_size=6), min_size=2, max_size=4))
+def test_random_batches_share_one_cache(batches):
+    con, cache = duckdb.connect(), ShapeCache()
+    start = 0
+    for configs in batches:
+        table = _table(configs, start)
+        start += len(configs)
+        _check(table, embed_batch(table, Weights(1.0, 1.0, 1.0), con=con, cache=cache))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(CONFIGS, min_size=1, max_size=8))
+def test_scalar_counts_match_a_plain_count(configs):
+    def plain(value):
+        if isinstance(value, dict):
+            return sum(plain(v) for v in value.values())
+        if isinstance(value, list):
+            return sum(plain(v) for v in value)
+        return 0 if value is None else 1
+
+    texts = [json.dumps(c, ensure_ascii=False) for c in configs]
+    counts, clean = scalar_counts(pa.array(texts))
+    for text, count, ok in zip(texts, counts, clean):
+        assert ok == ("\\" not in text)
+        if ok:
+            assert count == plain(json.loads(text))
