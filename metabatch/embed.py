@@ -93,7 +93,7 @@ def embed_batch(
     config, config_bad = _top_level_objects(con, runs.column("config_json").combine_chunks(), "config_json")
     metrics, metrics_bad = _top_level_objects(con, runs.column("metrics_json").combine_chunks(), "metrics_json")
     cfg = unnest_config(con, config, DIM, cache)
-    out = unnest_metrics(con, metrics, DIM)
+    out = unnest_metrics(con, metrics, DIM, cache)
     t1 = time.perf_counter()
     branches = {
         "config": to_branch(cfg.leaves["config"], cfg.counts["config"], n),

@@ -141,20 +141,29 @@ class _Node:
     """A structure node over n instances (runs, or list elements).
 
     ``count`` / ``env_count``: features in the subtree per instance, for the
-    config and env branches.
+    config and env branches. ``valid``: the instance holds a non-null value of
+    the node's kind. ``members``: non-null object members found in the
+    subtree, and ``suspicious``: a list of objects had a null or non-object
+    element; both let ``root_objects`` check that a reused structure dropped
+    nothing.
     """
 
     count: np.ndarray
     env_count: np.ndarray
+    valid: np.ndarray
+    members: np.ndarray
+    suspicious: np.ndarray | None = None
 
     def place(self, sink, rows, offset, env_offset, indices):  # pragma: no cover
         raise NotImplementedError
 
 
 class _Empty(_Node):
-    def __init__(self, n: int):
+    def __init__(self, n: int, valid: np.ndarray | None = None, members: np.ndarray | None = None):
         self.count = np.zeros(n, np.int64)
         self.env_count = self.count
+        self.valid = valid if valid is not None else np.zeros(n, bool)
+        self.members = members if members is not None else self.count
 
     def place(self, sink, rows, offset, env_offset, indices):
         pass
@@ -165,6 +174,7 @@ class _Numbers(_Node):
         self.values, self.valid, self.env = values, valid, env
         self.count = valid.astype(np.int64)
         self.env_count = self.count if env else np.zeros_like(self.count)
+        self.members = np.zeros_like(self.count)
 
     def place(self, sink, rows, offset, env_offset, indices):
         v = self.valid
@@ -176,9 +186,10 @@ class _Numbers(_Node):
 class _Strings(_Node):
     def __init__(self, values: pa.Array, path: _Path, env: bool):
         self.values, self.path, self.env = values, path, env
-        self.valid = np.asarray(values.is_valid().to_numpy(zero_copy_only=False), bool)
+        self.valid = _valid(values)
         self.count = self.valid.astype(np.int64)
         self.env_count = self.count if env else np.zeros_like(self.count)
+        self.members = np.zeros_like(self.count)
 
     def place(self, sink, rows, offset, env_offset, indices):
         v = self.valid
@@ -193,13 +204,20 @@ class _Strings(_Node):
 
 
 class _Struct(_Node):
-    def __init__(self, n: int, children: list[_Node]):
-        self.children = children
+    def __init__(self, n: int, children: list[_Node], valid: np.ndarray):
+        self.children, self.valid = children, valid
         self.count = np.zeros(n, np.int64)
         self.env_count = np.zeros(n, np.int64)
+        self.members = np.zeros(n, np.int64)
+        suspicious = np.zeros(n, bool)
         for child in children:
             self.count += child.count
             self.env_count += child.env_count
+            self.members += child.valid
+            self.members += child.members
+            if child.suspicious is not None:
+                suspicious |= child.suspicious
+        self.suspicious = suspicious
 
     def place(self, sink, rows, offset, env_offset, indices):
         offset, env_offset = offset.copy(), env_offset.copy()
@@ -212,10 +230,16 @@ class _Struct(_Node):
 class _List(_Node):
     """Elements of lists; ``parent`` maps each element to its instance."""
 
-    def __init__(self, n: int, parent: np.ndarray, element_index: np.ndarray, element: _Node):
-        self.parent, self.element_index, self.element = parent, element_index, element
+    def __init__(self, n: int, parent: np.ndarray, element_index: np.ndarray, element: _Node, valid: np.ndarray):
+        self.parent, self.element_index, self.element, self.valid = parent, element_index, element, valid
         self.count = np.bincount(parent, weights=element.count, minlength=n).astype(np.int64)
         self.env_count = np.bincount(parent, weights=element.env_count, minlength=n).astype(np.int64)
+        self.members = np.bincount(parent, weights=element.members, minlength=n).astype(np.int64)
+        self.suspicious = np.zeros(n, bool)
+        if isinstance(element, _Struct):  # an element that is null or not an object came out null
+            self.suspicious[parent[~element.valid]] = True
+        if element.suspicious is not None:
+            self.suspicious[parent[element.suspicious]] = True
 
     def place(self, sink, rows, offset, env_offset, indices):
         p = self.parent
@@ -241,13 +265,15 @@ class _List(_Node):
 class _Mixed(_Node):
     """A node whose instances hold different JSON types: one part per type."""
 
-    def __init__(self, n: int, parts: list[tuple[np.ndarray, _Node]]):
-        self.parts = parts
+    def __init__(self, n: int, parts: list[tuple[np.ndarray, _Node]], valid: np.ndarray, members: np.ndarray | None = None):
+        self.parts, self.valid = parts, valid
         self.count = np.zeros(n, np.int64)
         self.env_count = np.zeros(n, np.int64)
         for where, node in parts:
             self.count[where] = node.count
             self.env_count[where] = node.env_count
+        # raw JSON is parsed afresh, so what it holds is what its text holds
+        self.members = members if members is not None else np.zeros(n, np.int64)
 
     def place(self, sink, rows, offset, env_offset, indices):
         for where, node in self.parts:
@@ -261,6 +287,7 @@ class _Filtered(_Node):
         self.node, self.keep = node, keep
         self.count = np.where(keep, node.count, 0)
         self.env_count = np.where(keep, node.env_count, 0)
+        self.valid, self.members = node.valid & keep, np.where(keep, node.members, 0)
 
     def place(self, sink, rows, offset, env_offset, indices):
         self.node.place(_FilterSink(sink, self.keep), rows, offset, env_offset, indices)
@@ -283,9 +310,9 @@ class _FilterSink:
 
 @dataclass
 class ShapeCache:
-    """The merged JSON structure of the config objects seen so far (across batches)."""
+    """The merged JSON structures seen so far in a job, per column (across batches)."""
 
-    structure: object = None
+    structures: dict = field(default_factory=dict)
 
 
 def _merge_structures(a, b):
@@ -308,55 +335,36 @@ def _merge_structures(a, b):
     return "JSON" if "JSON" in (a, b) or "VARCHAR" in (a, b) or "BOOLEAN" in (a, b) else "DOUBLE"
 
 
-# Byte classes for scalar_counts, as bit flags.
-_QUOTE, _COLON, _SCALAR_START, _SEPARATOR, _BACKSLASH = 1, 2, 4, 8, 16
-_BYTE_CLASS = np.zeros(256, np.uint8)
-_BYTE_CLASS[ord('"')] = _QUOTE
-_BYTE_CLASS[ord(":")] = _COLON | _SEPARATOR
-_BYTE_CLASS[[ord(c) for c in "-0123456789tf"]] = _SCALAR_START
-_BYTE_CLASS[[ord(c) for c in " [,\t\n\r"]] = _SEPARATOR
-_BYTE_CLASS[ord("\\")] = _BACKSLASH
+def text_members(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Per JSON text: its non-null object members, and whether that count is
+    exact (the text has no backslash, so every quote opens or closes a string).
 
-
-def scalar_counts(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Per JSON text: how many non-null scalars it holds, and whether the count
-    is reliable (no backslash: then every quote opens or closes a string).
-
-    2 x count = quotes - 2 x keys + 2 x (numbers and booleans), where a key is
-    a colon outside strings and a number or boolean is a token starting right
-    after a separator outside strings. One pass of byte classes, no per-text loop.
+    A member is a colon outside strings (an even number of quotes before it in
+    its text), and a null one is such a colon followed by ``null``. Works on
+    the bytes of the whole column at once; a miscount can only make the count
+    larger (never hide a member that a reused structure dropped).
     """
     texts = texts.cast(pa.string())
     n = len(texts)
     offsets = np.frombuffer(texts.buffers()[1], np.int32)[texts.offset : texts.offset + n + 1].astype(np.int64)
     data_buffer = texts.buffers()[2]
-    data = np.frombuffer(data_buffer, np.uint8)[offsets[0] : offsets[-1]] if data_buffer is not None else np.zeros(0, np.uint8)
-    offsets -= offsets[0]
-    if not len(data):
+    if data_buffer is None or offsets[-1] == offsets[0]:
         return np.zeros(n, np.int64), np.ones(n, bool)
-    def per_text(mask):
-        return np.diff(np.searchsorted(np.flatnonzero(mask), offsets))
-
-    cls = _BYTE_CLASS[data]
-    quote = cls & _QUOTE
-    quotes = per_text(quote)
-    odd = np.flatnonzero(quotes & 1)  # only texts with escaped quotes: unreliable anyway
-    if len(odd):
-        # flip the parity back at their last byte, so the next texts start outside strings
-        last = offsets[odd + 1] - 1
-        quote[last] ^= 1
-    outside = (np.bitwise_xor.accumulate(quote) ^ 1).view(bool)  # closing quotes count as outside
-    after_separator = np.empty(len(cls), bool)
-    after_separator[0] = True
-    np.not_equal(cls[:-1] & _SEPARATOR, 0, out=after_separator[1:])
-    scalar = np.not_equal(cls & _SCALAR_START, 0)
-    scalar &= after_separator
-    scalar &= outside
-    key = np.not_equal(cls & _COLON, 0)
-    key &= outside
-    counts = quotes - 2 * per_text(key) + 2 * per_text(scalar)
-    clean = per_text(cls & _BACKSLASH) == 0
-    return counts // 2, clean
+    data = np.frombuffer(data_buffer, np.uint8)[: offsets[-1]]
+    quotes = np.flatnonzero(data == ord('"'))
+    colons = np.flatnonzero(data == ord(":"))
+    colons = colons[colons >= offsets[0]]
+    text_of_colon = np.searchsorted(offsets, colons, side="right") - 1
+    quotes_before_text = np.searchsorted(quotes, offsets[:-1])
+    outside = (np.searchsorted(quotes, colons) - quotes_before_text[text_of_colon]) % 2 == 0
+    colons, text_of_colon = colons[outside], text_of_colon[outside]
+    after = data[np.minimum(colons + 1, len(data) - 1)]
+    after2 = data[np.minimum(colons + 2, len(data) - 1)]
+    null = (after == ord("n")) | ((after == ord(" ")) & (after2 == ord("n")))
+    members = np.bincount(text_of_colon[~null], minlength=n).astype(np.int64)
+    backslashes = np.flatnonzero(data == ord("\\"))
+    clean = np.diff(np.searchsorted(backslashes, offsets)) == 0
+    return members, clean
 
 
 # --------------------------------------------------------------------------
@@ -396,7 +404,7 @@ class _Builder:
             return self._objects_by_pointer(texts, path, env)
         shape = self._shape(structure, top=True, raw=raw)
         if not shape:
-            return _Empty(n)
+            return _Empty(n, _valid(texts))
         typed = self._query(
             "SELECT json_transform(j, $1::VARCHAR) FROM mb_input",
             texts,
@@ -414,21 +422,24 @@ class _Builder:
         runs that do not match (new keys or shapes) pay for inference.
         """
         n = len(texts)
-        usable = isinstance(cache.structure, dict) and not _keys_collide(cache.structure)
-        if not usable:
-            cache.structure = self._structure(texts)
-            return self._objects_with(texts, cache.structure, _Path(), False)
-        fast = self._objects_with(texts, cache.structure, _Path(), False, raw=True)
-        expected, clean = scalar_counts(texts)
-        bad = np.asarray(texts.is_valid().to_numpy(zero_copy_only=False), bool) & ((fast.count != expected) | ~clean)
+        column = "config" if self.descend else "metrics"
+        known = cache.structures.get(column)
+        if not isinstance(known, dict) or _keys_collide(known):
+            cache.structures[column] = self._structure(texts)
+            return self._objects_with(texts, cache.structures[column], _Path(), False)
+        fast = self._objects_with(texts, known, _Path(), False, raw=True)
+        expected, clean = text_members(texts)
+        bad = _valid(texts) & ((fast.members != expected) | ~clean)
+        if fast.suspicious is not None:
+            bad |= fast.suspicious
         if not bad.any():
             return fast
         rows = np.flatnonzero(bad)
         subset = texts.take(pa.array(rows))
         structure = self._structure(subset)
-        cache.structure = _merge_structures(cache.structure, structure)
+        cache.structures[column] = _merge_structures(known, structure)
         slow = self._objects_with(subset, structure, _Path(), False)
-        return _Mixed(n, [(np.arange(n), _Filtered(fast, ~bad)), (rows, slow)])
+        return _Mixed(n, [(np.arange(n), _Filtered(fast, ~bad)), (rows, slow)], _valid(texts))
 
     def _objects_by_pointer(self, texts: pa.Array, path: _Path, env: bool) -> _Node:
         # DuckDB struct field names are case-insensitive: keys such as "a" and "A"
@@ -437,7 +448,7 @@ class _Builder:
         keys = self._query("SELECT DISTINCT unnest(json_keys(j)) FROM mb_input", texts).to_pylist()
         keys = sorted(k for k in keys if k is not None)
         if not keys:
-            return _Empty(n)
+            return _Empty(n, _valid(texts))
         pointers = ["/" + k.replace("~", "~0").replace("/", "~1") for k in keys]
         values = self._query("SELECT json_extract(j, $1::VARCHAR[]) FROM mb_input", texts, [pointers])
         rows_with = np.flatnonzero(np.asarray(values.is_valid().to_numpy(zero_copy_only=False), bool))
@@ -446,8 +457,8 @@ class _Builder:
         for j, key in enumerate(keys):
             column = flat.take(pa.array(np.arange(len(rows_with), dtype=np.int64) * len(keys) + j))
             node = self.mixed(column, path.key(key), env or _is_env_key(key))
-            children.append(_Mixed(n, [(rows_with, node)]))
-        return _Struct(n, children)
+            children.append(_Mixed(n, [(rows_with, node)], _scatter(n, rows_with, node.valid)))
+        return _Struct(n, children, _valid(texts))
 
     def _shape(self, structure, top: bool = False, element: bool = False, raw: bool = False):
         """The structure DuckDB should parse into, or None when it holds no feature.
@@ -456,9 +467,12 @@ class _Builder:
         nearest double, and gives inf beyond the range); an object whose keys
         collide case-insensitively becomes JSON (handled by pointer).
         """
+        # raw: parse every value that is not walked as raw JSON text, and keep
+        # every key (even one without features) so its members can be checked
+        nothing = "JSON" if raw else None
         if isinstance(structure, dict):
             if not (top or self.descend):
-                return None
+                return nothing
             if _keys_collide(structure):
                 return "JSON"
             shape = {}
@@ -466,16 +480,16 @@ class _Builder:
                 sub_shape = self._shape(sub, raw=raw)
                 if sub_shape is not None:
                     shape[key] = sub_shape
-            return shape or None
+            return shape or nothing
         if isinstance(structure, list):
             # a list inside a list is a leaf that gives no feature
             if element or not self.descend:
-                return None
+                return nothing
             element_shape = self._shape(structure[0], element=True, raw=raw)
-            return [element_shape] if element_shape is not None else None
-        if raw and structure in _NUMERIC_TYPES | {"BOOLEAN", "VARCHAR"}:
-            # raw JSON text: a stale structure must not cast silently (5 -> "5")
-            return "JSON" if (self.strings or structure != "VARCHAR") else None
+            return [element_shape] if element_shape is not None else nothing
+        if raw:
+            # raw JSON text: a reused structure must not cast silently (5 -> "5")
+            return "JSON"
         if structure in _NUMERIC_TYPES:
             return "DOUBLE"
         if structure == "BOOLEAN":
@@ -493,7 +507,7 @@ class _Builder:
         for key in sorted(shape):
             child_env = env or _is_env_key(key)
             children.append(self._typed(fields[key], shape[key], path.key(key), child_env))
-        return _Struct(n, children)
+        return _Struct(n, children, _valid(typed))
 
     def _typed(self, values: pa.Array, shape, path: _Path, env: bool, element: bool = False) -> _Node:
         if isinstance(shape, dict):
@@ -514,7 +528,7 @@ class _Builder:
         parent = np.asarray(pc.list_parent_indices(values).to_numpy(zero_copy_only=False), np.int64)
         level = sum(1 for p in path.pieces if isinstance(p, int))
         node = self._typed(elements, element_shape, path.index(level), env, element=True)
-        return _List(n, parent, _index_within(parent, n), node)
+        return _List(n, parent, _index_within(parent, n), node, _valid(values))
 
     # -- values of mixed JSON type
 
@@ -530,6 +544,7 @@ class _Builder:
         if n == 0 or texts.null_count == n:
             return _Empty(n)
         codes = _KIND_OF_FIRST_BYTE[_first_bytes(texts)]
+        valid = codes != _KINDS.index("null")
         json_null = codes == _KINDS.index("null")
         if json_null.sum() > texts.null_count:
             # a JSON null (the text 'null', e.g. from json_extract) gives no feature:
@@ -544,15 +559,20 @@ class _Builder:
         if present == ["boolean"]:
             return _numbers(pc.cast(pc.starts_with(texts, "t"), pa.float64()), env)
         parts = []
+        members = np.zeros(n, np.int64)
         for kind in present:
-            if kind in ("object", "array") and not self.descend:
-                continue
-            if kind == "array" and element:
-                continue
-            if kind == "string" and not self.strings:
-                continue
             where = np.flatnonzero(codes == _KINDS.index(kind))
             subset = texts.take(pa.array(where))
+            if kind in ("object", "array"):
+                # the members a raw object or array holds, for root_objects' check
+                members[where] = text_members(subset)[0]
+                if not self.descend or (kind == "array" and element):
+                    continue
+                empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(subset)), 2)  # {} or []
+                if pc.all(empty).as_py():
+                    continue
+            if kind == "string" and not self.strings:
+                continue
             if kind == "object":
                 node = self.objects(subset, path, env)
             elif kind == "array":
@@ -564,7 +584,7 @@ class _Builder:
             else:
                 node = _numbers(pc.cast(subset, pa.float64()), env)
             parts.append((where, node))
-        return _Mixed(n, parts)
+        return _Mixed(n, parts, valid, members)
 
     def _arrays(self, texts: pa.Array, path: _Path, env: bool) -> _Node:
         structure = json.loads(self._query("SELECT json_group_structure(j::JSON) FROM mb_input", texts)[0].as_py())
@@ -572,7 +592,7 @@ class _Builder:
             structure = ["JSON"]
         shape = self._shape(structure)
         if shape is None:
-            return _Empty(len(texts))
+            return _Empty(len(texts), _valid(texts))
         typed = self._query(
             "SELECT json_transform(j, $1::VARCHAR) FROM mb_input",
             texts,
@@ -617,6 +637,16 @@ def _json_strings(literals: pa.Array) -> pa.Array:
     encoded = pc.dictionary_encode(literals.take(pa.array(which)))
     decoded = pa.array([json.loads(t) for t in encoded.dictionary.to_pylist()], pa.string())
     return pc.replace_with_mask(inner, escaped, decoded.take(encoded.indices))
+
+
+def _valid(values: pa.Array) -> np.ndarray:
+    return np.asarray(values.is_valid().to_numpy(zero_copy_only=False), bool)
+
+
+def _scatter(n: int, where: np.ndarray, values: np.ndarray) -> np.ndarray:
+    out = np.zeros(n, values.dtype)
+    out[where] = values
+    return out
 
 
 def _numbers(values: pa.Array, env: bool) -> _Numbers:
@@ -671,10 +701,12 @@ def unnest_config(
     return _place(root, len(objects), limit, ("config", "env"), {"config": root.count, "env": root.env_count})
 
 
-def unnest_metrics(con: duckdb.DuckDBPyConnection, objects: pa.Array, limit: int) -> Unnested:
+def unnest_metrics(
+    con: duckdb.DuckDBPyConnection, objects: pa.Array, limit: int, cache: ShapeCache | None = None
+) -> Unnested:
     """Outcome leaves: top-level numbers and booleans of each JSON object."""
     builder = _Builder(con, strings=False, descend=False)
-    root = builder.objects(objects, _Path(), False)
+    root = builder.objects(objects, _Path(), False) if cache is None else builder.root_objects(objects, cache)
     result = _place(root, len(objects), limit, ("config", "env"), {"outcome": root.count})
     return Unnested(result.counts, {"outcome": result.leaves["config"]})
 

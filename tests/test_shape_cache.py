@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import reference_v1 as ref
 from metabatch.embed import Weights, embed_batch
-from metabatch.unnest import ShapeCache, scalar_counts
+from metabatch.unnest import ShapeCache, text_members
 
 KEYS = st.sampled_from(["a", "b", "market_id", "lookback", "sleeves", "x y", "A", "é", ""])
 SCALARS = st.one_of(
@@ -83,18 +83,19 @@ def test_random_batches_share_one_cache(batches):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(CONFIGS, min_size=1, max_size=8))
-def test_scalar_counts_match_a_plain_count(configs):
+@given(st.lists(CONFIGS, min_size=1, max_size=8), st.booleans())
+def test_text_members_match_a_plain_count(configs, compact):
     def plain(value):
         if isinstance(value, dict):
-            return sum(plain(v) for v in value.values())
+            return sum((v is not None) + plain(v) for v in value.values())
         if isinstance(value, list):
             return sum(plain(v) for v in value)
-        return 0 if value is None else 1
+        return 0
 
-    texts = [json.dumps(c, ensure_ascii=False) for c in configs]
-    counts, clean = scalar_counts(pa.array(texts))
-    for text, count, ok in zip(texts, counts, clean):
+    separators = (",", ":") if compact else (", ", ": ")
+    texts = [json.dumps(c, ensure_ascii=False, separators=separators) for c in configs]
+    members, clean = text_members(pa.array(texts))
+    for text, count, ok in zip(texts, members, clean):
         assert ok == ("\\" not in text)
         if ok:
             assert count == plain(json.loads(text))
