@@ -20,12 +20,15 @@ recursively the same way.
 from __future__ import annotations
 
 import json
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import polars as pl
 
 ENV_NEEDLES = ("market_id", "universe_id", "assessment_strategy_id", "assessment_horizon_days")
 
@@ -210,13 +213,20 @@ class _Struct(_Node):
         self.env_count = np.zeros(n, np.int64)
         self.members = np.zeros(n, np.int64)
         suspicious = np.zeros(n, bool)
+        any_member = np.zeros(n, bool)
         for child in children:
             self.count += child.count
             self.env_count += child.env_count
             self.members += child.valid
             self.members += child.members
+            any_member |= child.valid
             if child.suspicious is not None:
                 suspicious |= child.suspicious
+        # json_transform turns a value that is not an object (an array, a number,
+        # a string) into a struct of nulls, not a null: with a reused structure
+        # that value would pass for an object without members and its features
+        # would be lost, so such instances are sent back to inference
+        suspicious |= valid & ~any_member
         self.suspicious = suspicious
 
     def place(self, sink, rows, offset, env_offset, indices):
@@ -336,35 +346,18 @@ def _merge_structures(a, b):
 
 
 def text_members(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Per JSON text: its non-null object members, and whether that count is
-    exact (the text has no backslash, so every quote opens or closes a string).
+    """Per JSON text: its non-null object members, and whether that count is exact.
 
-    A member is a colon outside strings (an even number of quotes before it in
-    its text), and a null one is such a colon followed by ``null``. Works on
-    the bytes of the whole column at once; a miscount can only make the count
-    larger (never hide a member that a reused structure dropped).
+    In a text with no backslash no quote is escaped, so a quote followed by a
+    colon closes a key, unless it opens a string value that starts with a
+    colon, which can only follow a separator: texts with a backslash or with
+    such a separator-quote-colon are reported as not exact. Null members are
+    keys followed by ``null``. Literal and regex counts over the whole column.
     """
-    texts = texts.cast(pa.string())
-    n = len(texts)
-    offsets = np.frombuffer(texts.buffers()[1], np.int32)[texts.offset : texts.offset + n + 1].astype(np.int64)
-    data_buffer = texts.buffers()[2]
-    if data_buffer is None or offsets[-1] == offsets[0]:
-        return np.zeros(n, np.int64), np.ones(n, bool)
-    data = np.frombuffer(data_buffer, np.uint8)[: offsets[-1]]
-    quotes = np.flatnonzero(data == ord('"'))
-    colons = np.flatnonzero(data == ord(":"))
-    colons = colons[colons >= offsets[0]]
-    text_of_colon = np.searchsorted(offsets, colons, side="right") - 1
-    quotes_before_text = np.searchsorted(quotes, offsets[:-1])
-    outside = (np.searchsorted(quotes, colons) - quotes_before_text[text_of_colon]) % 2 == 0
-    colons, text_of_colon = colons[outside], text_of_colon[outside]
-    after = data[np.minimum(colons + 1, len(data) - 1)]
-    after2 = data[np.minimum(colons + 2, len(data) - 1)]
-    null = (after == ord("n")) | ((after == ord(" ")) & (after2 == ord("n")))
-    members = np.bincount(text_of_colon[~null], minlength=n).astype(np.int64)
-    backslashes = np.flatnonzero(data == ord("\\"))
-    clean = np.diff(np.searchsorted(backslashes, offsets)) == 0
-    return members, clean
+    series = pl.Series(texts.cast(pa.string()))
+    members = series.str.count_matches('":', literal=True) - series.str.count_matches(r'":\s*null')
+    unclear = series.str.contains("\\", literal=True) | series.str.contains(r'[\s:,\[{]":')
+    return members.fill_null(0).to_numpy().astype(np.int64), ~unclear.fill_null(False).to_numpy()
 
 
 # --------------------------------------------------------------------------
@@ -395,6 +388,10 @@ class _Builder:
         return self._objects_with(texts, self._structure(texts), path, env)
 
     def _structure(self, texts: pa.Array):
+        """DuckDB's merged structure of the texts, or None when they nest too deep
+        for it (the callers then walk the values by JSON pointer, a level at a time)."""
+        if _too_deep(texts):
+            return None
         structure = self._query("SELECT json_group_structure(j::JSON) FROM mb_input", texts)[0].as_py()
         return json.loads(structure) if structure is not None else None
 
@@ -587,7 +584,7 @@ class _Builder:
         return _Mixed(n, parts, valid, members)
 
     def _arrays(self, texts: pa.Array, path: _Path, env: bool) -> _Node:
-        structure = json.loads(self._query("SELECT json_group_structure(j::JSON) FROM mb_input", texts)[0].as_py())
+        structure = self._structure(texts)
         if not isinstance(structure, list):
             structure = ["JSON"]
         shape = self._shape(structure)
@@ -601,6 +598,67 @@ class _Builder:
         return self._list(typed, shape[0], path, env)
 
 
+# Nesting that DuckDB's structure inference and typed parse may see. Past 128
+# levels json_group_structure fails with a *fatal* error (the connection is
+# invalidated for good), and Arrow refuses nested types past 64 levels (a
+# struct level and a list level each count), so a column that nests deeper is
+# walked by JSON pointer (json_keys / json_extract / json_transform to JSON,
+# which have no depth limit) until what is left is shallow enough.
+MAX_TYPED_DEPTH = 24
+
+
+def max_depth(texts: pa.Array) -> int:
+    """The deepest nesting of objects and arrays in a column of JSON texts.
+
+    Brackets inside strings do not count: a quote opens or closes a string
+    unless an odd run of backslashes precedes it. Works on the bytes of the
+    whole column at once (every text is a whole JSON value, so the running
+    depth is back to 0 at the end of each text).
+    """
+    texts = texts.cast(pa.string())
+    n = len(texts)
+    if n == 0 or texts.null_count == n:
+        return 0
+    offsets = np.frombuffer(texts.buffers()[1], np.int32)[texts.offset : texts.offset + n + 1]
+    data_buffer = texts.buffers()[2]
+    if data_buffer is None or offsets[-1] == offsets[0]:
+        return 0
+    data = np.frombuffer(data_buffer, np.uint8)[offsets[0] : offsets[-1]]
+    opens = (data == ord("{")) | (data == ord("["))
+    quotes = np.flatnonzero(data == ord('"'))
+    backslash = data == ord("\\")
+    if backslash.any() and len(quotes):
+        index = np.arange(len(data))
+        last_other = np.maximum.accumulate(np.where(backslash, -1, index))
+        before = np.maximum(quotes - 1, 0)
+        run = np.where(quotes > 0, before - last_other[before], 0)
+        quotes = quotes[run % 2 == 0]
+    closes = (data == ord("}")) | (data == ord("]"))
+    brackets = np.flatnonzero(opens | closes)
+    outside = np.searchsorted(quotes, brackets) % 2 == 0
+    brackets = brackets[outside]
+    step = np.where(opens[brackets], 1, -1)
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _too_deep(texts: pa.Array) -> bool:
+    """max_depth(texts) > MAX_TYPED_DEPTH, with a cheap bound first: a text
+    cannot nest deeper than its count of opening brackets."""
+    texts = texts.cast(pa.string())
+    n = len(texts)
+    if n == 0 or texts.null_count == n:
+        return False
+    offsets = np.frombuffer(texts.buffers()[1], np.int32)[texts.offset : texts.offset + n + 1]
+    data_buffer = texts.buffers()[2]
+    if data_buffer is None or offsets[-1] == offsets[0]:
+        return False
+    data = np.frombuffer(data_buffer, np.uint8)[offsets[0] : offsets[-1]]
+    opens = np.flatnonzero((data == ord("{")) | (data == ord("[")))
+    if np.diff(np.searchsorted(opens, offsets - offsets[0])).max() <= MAX_TYPED_DEPTH:
+        return False
+    return max_depth(texts) > MAX_TYPED_DEPTH
+
+
 # What a JSON value is, by its first byte (0: null or absent).
 _KINDS = ("null", "number", "string", "boolean", "object", "array")
 _KIND_OF_FIRST_BYTE = np.full(256, _KINDS.index("number"), dtype=np.uint8)
@@ -612,8 +670,8 @@ _KIND_OF_FIRST_BYTE[ord("[")] = _KINDS.index("array")
 
 
 def _first_bytes(texts: pa.Array) -> np.ndarray:
-    """The first non-blank byte of each text, 0 where null or empty."""
-    texts = pc.utf8_ltrim_whitespace(texts.cast(pa.string()))
+    """The first byte of each text (DuckDB prints JSON with no leading blank), 0 where null or empty."""
+    texts = texts.cast(pa.string())
     n = len(texts)
     offsets = np.frombuffer(texts.buffers()[1], np.int32)[texts.offset : texts.offset + n + 1]
     data_buffer = texts.buffers()[2]
@@ -694,11 +752,29 @@ def unnest_config(
     the structure of earlier ones (see ``_Builder.root_objects``).
     """
     builder = _Builder(con, strings=True, descend=True)
-    if cache is None:
-        root = builder.objects(objects, _Path(), False)
-    else:
-        root = builder.root_objects(objects, cache)
-    return _place(root, len(objects), limit, ("config", "env"), {"config": root.count, "env": root.env_count})
+    with _recursion_room(objects):
+        if cache is None:
+            root = builder.objects(objects, _Path(), False)
+        else:
+            root = builder.root_objects(objects, cache)
+        return _place(root, len(objects), limit, ("config", "env"), {"config": root.count, "env": root.env_count})
+
+
+@contextmanager
+def _recursion_room(texts: pa.Array):
+    """Building and placing nodes recurse a few frames per level of nesting, so a
+    config nested a few hundred levels deep (valid jsonb) would exceed Python's
+    default limit: raise it for the deepest text of the batch, then restore it.
+    (Python-to-Python calls use no C stack since 3.11, so this is safe.)"""
+    if not _too_deep(texts):
+        yield
+        return
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(old + 8 * max_depth(texts))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(old)
 
 
 def unnest_metrics(

@@ -22,11 +22,21 @@ class Rejected(Exception):
     """The run cannot be encoded; the message says why."""
 
 
+def _parse_int(digits: str):
+    # Python refuses int() of more than 4300 digits (sys.int_max_str_digits), but
+    # jsonb keeps integers of any size (1e5000 is printed with 5001 digits). Past
+    # 400 digits an integer is far beyond the double range, so only its nearest
+    # double (+-inf) matters: float() of the text gives it, with no digit limit.
+    if len(digits) > 400:
+        return float(digits)
+    return int(digits)
+
+
 def parse_json(text):
     """Parse JSON text as PostgreSQL printed it (None for SQL NULL)."""
     if text is None:
         return None
-    return json.loads(text)
+    return json.loads(text, parse_int=_parse_int)
 
 
 def to_double(number) -> float:
