@@ -318,6 +318,10 @@ class _FilterSink:
         self.sink.strings(branch, rows[k], positions[k], tokens.filter(pa.array(k)))
 
 
+# Runs of a job's first batch whose JSON structure is inferred up front.
+_SAMPLE_ROWS = 2_000
+
+
 @dataclass
 class ShapeCache:
     """The merged JSON structures seen so far in a job, per column (across batches)."""
@@ -421,6 +425,9 @@ class _Builder:
         n = len(texts)
         column = "config" if self.descend else "metrics"
         known = cache.structures.get(column)
+        if known is None and n > _SAMPLE_ROWS:
+            # first batch: learn from a sample, the check below catches the rest
+            known = cache.structures[column] = self._structure(texts.slice(0, _SAMPLE_ROWS))
         if not isinstance(known, dict) or _keys_collide(known):
             cache.structures[column] = self._structure(texts)
             return self._objects_with(texts, cache.structures[column], _Path(), False)
