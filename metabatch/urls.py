@@ -64,6 +64,8 @@ def parse_url(url: str) -> DatabaseURL:
         if not url[len("duckdb://"):]:
             raise BadURL(f"`{redact(url)}` names no file", "write duckdb:///path/to/file.duckdb")
         return DatabaseURL(url, "duckdb")
+    if "://" not in url and url.endswith((".duckdb", ".db")):
+        raise BadURL(f"`{redact(url)}` is not a database URL metabatch knows", f"write duckdb://{url}")
     raise BadURL(
         f"`{redact(url)}` is not a database URL metabatch knows",
         "use postgresql://user@host:5432/dbname or duckdb:///path/to/file.duckdb",
