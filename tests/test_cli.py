@@ -54,6 +54,7 @@ def test_unreachable_database_is_one_line_without_password():
     assert result.exit_code == 1
     assert "s3cret" not in result.output
     assert "127.0.0.1:1" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_missing_table_says_to_migrate(pg_url):
