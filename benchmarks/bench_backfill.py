@@ -110,8 +110,8 @@ def run_row_at_a_time(url: str, limit: int) -> dict:
     sql(url, "DROP TABLE IF EXISTS baseline_embeddings")
     sql(url, "CREATE TABLE baseline_embeddings (LIKE joint_embeddings INCLUDING ALL)")
     t0 = time.perf_counter()
-    conn = adbc.connect(url)
-    read, write = conn.cursor(), conn.cursor()
+    read_conn, conn = adbc.connect(url), adbc.connect(url)
+    read, write = read_conn.cursor(), conn.cursor()
     read.execute(
         "SELECT run_id, strategy_id, universe_id, end_date, config_json::text, metrics_json::text"
         f" FROM backtest_runs WHERE metrics_json IS NOT NULL LIMIT {int(limit)}"
@@ -134,6 +134,7 @@ def run_row_at_a_time(url: str, limit: int) -> dict:
         )
     conn.commit()
     conn.close()
+    read_conn.close()
     seconds = time.perf_counter() - t0
     sql(url, "DROP TABLE baseline_embeddings")
     return {"runs": n, "seconds": seconds, "runs_per_second": n / seconds}
