@@ -4,6 +4,30 @@ Python API (the CLI wraps these):
     migrate(runtime_url, historical_url)
     backfill(runtime_url, historical_url, selection, weights, model_id, batch_rows)
     embed_batch(runs_table, weights, model_id)
+    export_parquet(out, historical_url, runtime_url, model_id=, strategy_id=, start=, end=)
+    show(snapshot=, as_of=, start=, end=, run_id=, strategy_id=, universe_id=, model_id=, limit=)
+    similar(run_id, snapshot=, model_id=, strategy_id=, start=, end=, top_k=, candidate_limit=)
+    meta_ctx_norms(strategy_id, model_id, snapshot=, run_id=, start=, end=)
+    sql(query, snapshot)
 """
 
 __version__ = "0.1.0"
+
+
+_LAZY = {
+    "export_parquet": "snapshot",
+    "show": "query",
+    "similar": "query",
+    "meta_ctx_norms": "query",
+    "sql": "query",
+}
+
+
+def __getattr__(name):
+    """Import the query and snapshot functions on first use: `import metabatch` stays cheap."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'metabatch' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{module}", __name__), name)

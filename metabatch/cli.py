@@ -73,7 +73,7 @@ def database_options(func):
     @functools.wraps(func)
     def wrapper(*args, runtime_url, historical_url, **kwargs):
         urls = resolve_urls(runtime_url, historical_url)
-        if urls.defaulted:
+        if urls.defaulted and not kwargs.get("snapshot"):
             click.echo(
                 f"metabatch: no database named (--runtime-url or ${RUNTIME_ENV}); "
                 f"using the embedded file {urls.runtime.duckdb_path}",
@@ -115,9 +115,8 @@ class MetabatchGroup(click.Group):
         except MetabatchError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"Error: {exc.message}", err=True)
-            if exc.hint:
-                click.echo(f"  ({exc.hint})", err=True)
+            # one line: what went wrong, then what to do next
+            click.echo(f"Error: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), err=True)
             ctx.exit(exc.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
@@ -263,3 +262,232 @@ def backfill(urls, strategy_ids, start, end, limit, w_config, w_env, w_outcome, 
         click.echo(f"  ... and {len(summary.rejected) - 10} more (--json lists them all)")
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in summary.stage_seconds.items())
     click.echo(f"{summary.elapsed_seconds:.2f}s, {summary.runs_per_second:,.0f} runs/s ({stages})")
+
+
+# --------------------------------------------------------------------------
+# export-parquet / show / similar / sql
+
+
+def snapshot_option(func):
+    """--snapshot DIR: read a Parquet snapshot instead of the historical database."""
+    return click.option(
+        "--snapshot",
+        type=click.Path(file_okay=False, path_type=str),
+        metavar="DIR",
+        help="Read this snapshot (from `metabatch export-parquet`) instead of the historical database.",
+    )(func)
+
+
+def format_option(default: str | None = "csv", choices=("csv", "table", "json")):
+    """--format: how a result is printed."""
+
+    def decorate(func):
+        return click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(list(choices)),
+            default=default,
+            show_default=default is not None,
+            help="csv (header, empty fields for NULL), table (aligned, for a terminal) or json (an array of objects).",
+        )(func)
+
+    return decorate
+
+
+def echo_warnings(call):
+    """Run call(); print the warnings it raised as one line each on stderr."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    for warning in caught:
+        click.echo(f"Warning: {warning.message}", err=True)
+    return result
+
+
+@main.command("export-parquet")
+@database_options
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=str), metavar="DIR", help="Snapshot folder (replaced atomically if it is a snapshot).")
+@click.option("--model-id", metavar="ID", help="Only embeddings of this model_id (default: every model).")
+@click.option("--strategy-id", "strategy_ids", multiple=True, metavar="ID", help="Only embeddings/runs of this strategy (repeatable).")
+@click.option("--start", type=DATE, help="Only embeddings with as_of_date >= this date (runs: end_date).")
+@click.option("--end", type=DATE, help="Only embeddings with as_of_date <= this date (runs: end_date).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def export_parquet(urls, out, model_id, strategy_ids, start, end, as_json):
+    """Write a Parquet snapshot of joint_embeddings and their runs for DuckDB.
+
+    DIR gets embeddings/model_id=<id>/*.parquet (the vector as FLOAT[384],
+    its L2 norm, the entity_scope ids), runs/*.parquet (config and metrics
+    JSON text plus one column per numeric top-level metric: sharpe,
+    max_drawdown, ...), index/ (raw vectors for fast `similar`) and
+    manifest.json. The snapshot is built beside DIR and swapped in at the
+    end: a failed or killed export leaves the previous one as it was.
+
+    \b
+    Example:
+      metabatch export-parquet --out ./snapshot --model-id joint-meta-config-env-v1 \\
+          --strategy-id US_EQ_CORE_LONG_EQ --start 2025-01-01 --end 2025-12-31
+    """
+    from .snapshot import export_parquet as run_export
+
+    if start and end and start > end:
+        raise click.UsageError(f"--start {start} is after --end {end}")
+    summary = run_export(
+        out, urls.historical, urls.runtime,
+        model_id=model_id, strategy_id=strategy_ids, start=start, end=end,
+    )
+    if as_json:
+        click.echo(json.dumps(summary.as_dict()))
+        return
+    models = ", ".join(f"{m} {n:,}" for m, n in summary.models.items()) or "none"
+    click.echo(f"snapshot {summary.path}: {summary.embeddings:,} embeddings ({models}), {summary.runs:,} runs")
+    if summary.metric_columns:
+        click.echo(f"  metric columns in runs: {', '.join(summary.metric_columns)}")
+    click.echo(f"{summary.seconds:.2f}s")
+
+
+@main.command()
+@database_options
+@snapshot_option
+@click.option("--as-of", type=DATE, help="Only embeddings with this as_of_date.")
+@click.option("--start", type=DATE, help="Only embeddings with as_of_date >= this date.")
+@click.option("--end", type=DATE, help="Only embeddings with as_of_date <= this date.")
+@click.option("--run-id", "run_ids", multiple=True, metavar="ID", help="Only this run (repeatable).")
+@click.option("--strategy-id", "strategy_ids", multiple=True, metavar="ID", help="Only this strategy (repeatable).")
+@click.option("--universe-id", "universe_ids", multiple=True, metavar="ID", help="Only this universe (repeatable).")
+@click.option("--model-id", default="joint-meta-config-env-v1", show_default=True, help="model_id of the embeddings.")
+@click.option("--limit", type=click.IntRange(min=0), default=1000, show_default=True, help="At most N rows (0: all).")
+@format_option()
+def show(urls, snapshot, as_of, start, end, run_ids, strategy_ids, universe_ids, model_id, limit, fmt):
+    """List embeddings with their dimension and L2 norm (the seeds' CSV).
+
+    Prints as_of_date,run_id,strategy_id,universe_id,model_id,dim,l2_norm
+    ordered by as_of_date then joint_id; missing ids are empty fields, the
+    norm has 6 decimals. Reads --snapshot DIR, else the historical database.
+
+    \b
+    Example:
+      metabatch show --strategy-id US_EQ_CORE_LONG_EQ --start 2025-01-01 \\
+          --end 2025-12-31 --model-id joint-meta-config-env-v1 --limit 200
+      metabatch show --snapshot ./snapshot --run-id BT_RUN_123 --format table
+    """
+    from .query import format_frame, show as run_show
+
+    if as_of and (start or end):
+        raise click.UsageError("use either --as-of or --start/--end, not both")
+    if start and end and start > end:
+        raise click.UsageError(f"--start {start} is after --end {end}")
+    frame = run_show(
+        snapshot=snapshot, historical_url=urls.historical, as_of=as_of, start=start, end=end,
+        run_id=run_ids, strategy_id=strategy_ids, universe_id=universe_ids, model_id=model_id, limit=limit,
+    )
+    click.echo(format_frame(frame, fmt), nl=False)
+
+
+@main.command()
+@database_options
+@snapshot_option
+@click.option("--run-id", required=True, metavar="ID", help="The run whose neighbours to find.")
+@click.option("--model-id", default="joint-meta-config-env-v1", show_default=True, help="model_id of the embeddings.")
+@click.option("--strategy-id", "strategy_ids", multiple=True, metavar="ID", help="Only candidates of this strategy (repeatable).")
+@click.option("--start", type=DATE, help="Only candidates with as_of_date >= this date.")
+@click.option("--end", type=DATE, help="Only candidates with as_of_date <= this date.")
+@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True, help="How many neighbours to print.")
+@click.option("--candidate-limit", type=click.IntRange(min=1), help="Only the N most recent candidates (by joint_id) [default: all].")
+@format_option()
+def similar(urls, snapshot, run_id, model_id, strategy_ids, start, end, top_k, candidate_limit, fmt):
+    """Find the runs nearest to a run in the joint space (cosine, then euclidean).
+
+    Prints cosine,euclidean,run_id,strategy_id,universe_id,as_of_date,source
+    with 6 decimals, best first, the run itself excluded. A zero vector has
+    cosine 0; candidates of another dimension are skipped with a warning.
+    Reads --snapshot DIR, else the historical database.
+
+    \b
+    Example:
+      metabatch similar --run-id BT_RUN_123 --strategy-id US_EQ_CORE_LONG_EQ \\
+          --model-id joint-meta-config-env-v1 --top-k 20
+      metabatch similar --snapshot ./snapshot --run-id BT_RUN_123 --format table
+    """
+    from .query import format_frame, similar as run_similar
+
+    if start and end and start > end:
+        raise click.UsageError(f"--start {start} is after --end {end}")
+    frame = echo_warnings(
+        lambda: run_similar(
+            run_id, snapshot=snapshot, historical_url=urls.historical, model_id=model_id,
+            strategy_id=strategy_ids, start=start, end=end, top_k=top_k, candidate_limit=candidate_limit,
+        )
+    )
+    click.echo(format_frame(frame, fmt), nl=False)
+
+
+@main.command()
+@click.argument("query", required=False)
+@click.option("--snapshot", required=True, type=click.Path(file_okay=False, path_type=str), metavar="DIR", help="The snapshot to query.")
+@format_option(default=None, choices=("table", "csv", "json"))
+def sql(query, snapshot, fmt):
+    """Run DuckDB SQL over a snapshot (read-only); QUERY or stdin.
+
+    \b
+    Views:
+      embeddings  joint_id, joint_type, model_id, as_of_date, run_id, strategy_id,
+                  universe_id, source, dim, l2_norm, vector (FLOAT[]), created_at
+      runs        run_id, strategy_id, universe_id, start_date, end_date,
+                  config_json, metrics_json, then a DOUBLE per numeric metric
+                  (sharpe, max_drawdown, ...)
+    Macros (sql/*.sql):
+      cosine(a, b)                      0 when either vector is zero
+      nearest(run_id, k)                the k nearest embeddings to a run
+      neighbour_runs(run_id, k)         the same, joined with their runs' metrics
+      strategy_drift(strategy, period)  per period: runs, mean norm, centroid drift
+    (each takes model := '...'; default joint-meta-config-env-v1)
+
+    Output: an aligned table on a terminal, CSV when piped; --format to choose.
+    Statements that write files (COPY, EXPORT, ATTACH) are refused.
+
+    \b
+    Example:
+      metabatch sql --snapshot ./snapshot \\
+          "SELECT run_id, cosine, sharpe FROM neighbour_runs('BT_RUN_123', 50) ORDER BY sharpe DESC LIMIT 5"
+      echo "SELECT strategy_id, avg(l2_norm) FROM embeddings GROUP BY 1" | metabatch sql --snapshot ./snapshot --format csv
+    """
+    from .query import format_frame, sql as run_sql
+
+    if query is None or query == "-":
+        if sys.stdin.isatty():
+            raise click.UsageError("give a QUERY, or pipe one on stdin")
+        query = sys.stdin.read()
+    if not query.strip():
+        raise click.UsageError("the query is empty")
+    fmt = fmt or ("table" if sys.stdout.isatty() else "csv")
+    frame = run_sql(query, snapshot)
+    click.echo(format_frame(frame, fmt, None), nl=False)
+
+
+# --------------------------------------------------------------------------
+# demo
+
+
+@main.command()
+@click.option("--runs", "n_runs", type=click.IntRange(min=1), default=20_000, show_default=True, help="How many synthetic runs to seed.")
+@click.option(
+    "--dir", "directory", type=click.Path(file_okay=False), default="metabatch-demo", show_default=True,
+    help="Folder for the demo's DuckDB file and snapshot (only those are replaced).",
+)
+def demo(n_runs, directory):
+    """Run the whole pipeline on an embedded DuckDB file: no server needed.
+
+    Migrates, seeds N synthetic runs, backfills their embeddings, exports a
+    Parquet snapshot, shows a few rows, finds the 10 nearest neighbours of one
+    run and answers one SQL question, timing each step. Rerunning replaces the
+    demo's own files in the folder and nothing else.
+
+    \b
+    Example:
+      metabatch demo --runs 20000 --dir ./metabatch-demo
+    """
+    from .demo import run_demo
+
+    run_demo(n_runs, directory, echo=click.echo)

@@ -41,7 +41,14 @@ class RunSelection:
 
 @dataclass(frozen=True)
 class EmbeddingFilter:
-    """Which embeddings a snapshot or a query reads."""
+    """Which embeddings a snapshot or a query reads.
+
+    ``extra`` holds optional keys a store may use to read less: ``joint_type``
+    (str), ``run_ids`` and ``universe_ids`` (sequences of str, matched against
+    entity_scope), ``limit`` (int: only the first rows by as_of_date, joint_id).
+    Readers re-apply every filter, so a store may ignore them all; but a store
+    that honours ``limit`` must honour every other key too.
+    """
 
     model_id: str | None = None
     strategy_ids: tuple[str, ...] = ()

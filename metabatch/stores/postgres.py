@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from ..errors import MissingTable, StoreUnreachable
 from ..resources import resource_dir
 from ..urls import DatabaseURL
-from .base import RUN_COLUMNS, RunSelection
+from .base import EMBEDDING_READ_COLUMNS, RUN_COLUMNS, RUN_DETAIL_COLUMNS, EmbeddingFilter, RunSelection
 
 _REQUIRED = {
     "backtest_runs": ("run_id", "strategy_id", "config_json", "end_date", "universe_id", "metrics_json"),
@@ -223,6 +223,76 @@ class PostgresStore:
         except BaseException:
             self.conn.rollback()
             raise
+
+    # -- snapshots and queries (param-free queries, so that ADBC streams them)
+
+    def _values_filter(self, name: str, column: str, values) -> str:
+        """A condition ``column IN (values)``, the values held in a temp table (never in the SQL text)."""
+        table = f"metabatch_q_{name}"
+        with self.conn.cursor() as cur:
+            cur.adbc_ingest(table, pa.table({"v": pa.array([str(v) for v in values], pa.string())}), mode="replace", temporary=True)
+        self.conn.commit()
+        return f"{column} IN (SELECT v FROM {table})"
+
+    def _stream(self, query: str, columns) -> Iterator[pa.RecordBatch]:
+        cur = self.conn.cursor()
+        cur.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(_READ_BATCH_BYTES)})
+        try:
+            cur.execute(query)
+            for batch in cur.fetch_record_batch():
+                if batch.num_rows:
+                    yield _plain(batch.select(list(columns)))
+        finally:
+            cur.close()
+            self.conn.rollback()
+
+    def stream_embeddings(self, flt: EmbeddingFilter) -> Iterator[pa.RecordBatch]:
+        """See Store.stream_embeddings. ``flt.extra`` may also hold ``joint_type``,
+        ``run_ids``, ``universe_ids`` and ``limit`` (first rows by as_of_date, joint_id)."""
+        self.check_table("joint_embeddings")
+        extra = flt.extra or {}
+        where = []
+        if extra.get("joint_type") is not None:
+            where.append(self._values_filter("joint_type", "joint_type", [extra["joint_type"]]))
+        if flt.model_id is not None:
+            where.append(self._values_filter("model", "model_id", [flt.model_id]))
+        for key, name, values in (
+            ("strategy_id", "strategy", flt.strategy_ids),
+            ("run_id", "run", extra.get("run_ids") or ()),
+            ("universe_id", "universe", extra.get("universe_ids") or ()),
+        ):
+            if values:
+                where.append(self._values_filter(name, f"(entity_scope ->> '{key}')", values))
+        # Dates and the limit are date/int values parsed by metabatch, never raw text.
+        if flt.start is not None:
+            where.append(f"as_of_date >= DATE '{flt.start.isoformat()}'")
+        if flt.end is not None:
+            where.append(f"as_of_date <= DATE '{flt.end.isoformat()}'")
+        query = (
+            "SELECT joint_id, joint_type, model_id, as_of_date,"
+            " entity_scope ->> 'run_id' AS run_id, entity_scope ->> 'strategy_id' AS strategy_id,"
+            " entity_scope ->> 'universe_id' AS universe_id, entity_scope ->> 'source' AS source,"
+            " vector, created_at FROM joint_embeddings"
+        )
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        if extra.get("limit") is not None:
+            query += f" ORDER BY as_of_date, joint_id LIMIT {int(extra['limit'])}"
+        return self._stream(query, EMBEDDING_READ_COLUMNS)
+
+    def stream_run_details(self, selection: RunSelection) -> Iterator[pa.RecordBatch]:
+        self.check_table("backtest_runs")
+        where = []
+        if selection.strategy_ids:
+            where.append(self._values_filter("strategy", "strategy_id", selection.strategy_ids))
+        if selection.start is not None:
+            where.append(f"end_date >= DATE '{selection.start.isoformat()}'")
+        if selection.end is not None:
+            where.append(f"end_date <= DATE '{selection.end.isoformat()}'")
+        query = f"SELECT {', '.join(RUN_DETAIL_COLUMNS)} FROM backtest_runs"
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        return self._stream(query, RUN_DETAIL_COLUMNS)
 
     def close(self) -> None:
         try:
