@@ -104,7 +104,7 @@ def backfill(
     con = duckdb.connect()
     shapes = ShapeCache()
     stop = threading.Event()
-    read_queue: queue.Queue = queue.Queue(maxsize=2)
+    read_queue: queue.Queue = queue.Queue(maxsize=1)
     write_queue: queue.Queue = queue.Queue(maxsize=1)
     write_results: queue.Queue = queue.Queue()
     reader = writer = None

@@ -433,7 +433,7 @@ def sql(query, snapshot, fmt):
     \b
     Views:
       embeddings  joint_id, joint_type, model_id, as_of_date, run_id, strategy_id,
-                  universe_id, source, dim, l2_norm, vector (FLOAT[]), created_at
+                  universe_id, source, dim, l2_norm, vector (FLOAT[384]), created_at
       runs        run_id, strategy_id, universe_id, start_date, end_date,
                   config_json, metrics_json, then a DOUBLE per numeric metric
                   (sharpe, max_drawdown, ...)
@@ -441,7 +441,7 @@ def sql(query, snapshot, fmt):
       cosine(a, b)                      0 when either vector is zero
       nearest(run_id, k)                the k nearest embeddings to a run
       neighbour_runs(run_id, k)         the same, joined with their runs' metrics
-      strategy_drift(strategy, period)  per period: runs, mean norm, centroid drift
+      strategy_drift(strategy, period := 'month')  runs, mean norm, centroid drift per period
     (each takes model := '...'; default joint-meta-config-env-v1)
 
     Output: an aligned table on a terminal, CSV when piped; --format to choose.

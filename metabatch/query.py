@@ -1,20 +1,24 @@
 """Queries over the joint space: show, similar, meta_ctx_norms and sql.
 
-Every query runs on an ``EmbeddingSet``: the embeddings of one model in
-memory, as an Arrow table of their columns (no vectors) that DuckDB queries,
-plus one float32 matrix per dimension that NumPy multiplies. A set comes
-either from a snapshot folder (``--snapshot DIR``: the Parquet columns, and
-the raw ``.npy`` vectors mapped, not read) or from the historical database
-(the rows pulled as Arrow batches with the filters pushed down, vectors copied
-into the matrix batch by batch). The same DuckDB queries then serve both.
+Every query runs on an ``EmbeddingSet``: one model's META_CONFIG_ENV_V0
+embeddings in memory, as a DuckDB table of their columns (no vectors) and one
+float32 matrix per dimension. A set comes either from a snapshot folder
+(``--snapshot DIR``: ``index/meta.arrow`` and the raw ``.npy`` vectors are
+mapped into memory, not decoded) or from the historical database (the rows
+pulled as Arrow batches with the filters pushed down, vectors copied into the
+matrix batch by batch, no loop over rows). The same DuckDB queries (the
+``_*_SQL`` texts below) then pick the rows for both.
 
-``similar``: DuckDB picks the candidate rows (filters, target excluded,
-``--candidate-limit`` = the most recent N by joint_id, as the seeds did);
-NumPy scores them all in float32 (one matrix-vector product, divided by the
-norms) and keeps the top k plus every row within 1e-4 of the k-th score
-(float32 error is far below that); those few are scored again exactly in
-float64 and sorted by cosine descending, euclidean ascending, then joint_id
-descending (the seeds' order for ties: their candidates came newest first).
+``similar``: DuckDB picks the candidate rows (filters; the target run's rows
+excluded; ``--candidate-limit`` = the most recent N by joint_id, as the seeds'
+query had them). NumPy scores every candidate in float32 (one matrix-vector
+product times the inverse norms) and keeps the rows within 1e-4 of the k-th
+best score (float32 error on a 384-term cosine is below 2.3e-5); those are
+scored again with float64 sums, and for the rows that can still be in the
+answer the euclidean distance is computed exactly. The order is cosine
+descending, euclidean ascending, then joint_id descending (the seeds' order
+for ties: their candidates came newest first). Cosine is 0 when either
+vector is zero, as in the seeds.
 
 Snapshots are cached per folder in the process (``open_snapshot``), keyed by
 the manifest's snapshot id, so repeated calls pay the load once and a
@@ -36,7 +40,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .embed import DEFAULT_MODEL_ID, DIM, JOINT_TYPE
 from .errors import BadInput, MetabatchError
@@ -52,8 +55,8 @@ META_COLUMNS = (
     "joint_id", "joint_type", "as_of_date", "run_id", "strategy_id", "universe_id", "source",
     "dim", "l2_norm", "vector_row",
 )
-# Rows whose float32 cosine is within this of the k-th best are rescored in float64.
-# float32 error on a 384-term cosine is below 384 * 2**-24 ~ 2.3e-5.
+# Rows whose float32 cosine is within this of the k-th best are rescored in float64
+# (float32 error on a 384-term cosine is below 384 * 2**-24 ~ 2.3e-5).
 _RESCORE_MARGIN = 1e-4
 _RESCORE_BLOCK = 65_536
 

@@ -2,19 +2,20 @@
 -- Per period (a date_trunc part: 'month', 'quarter', 'year'): how many runs,
 -- their mean L2 norm, and the cosine of the period's centroid (the mean vector)
 -- to the previous period's and to the first period's centroid.
---   SELECT * FROM strategy_drift('US_EQ_CORE_LONG_EQ', 'quarter');
+--   SELECT * FROM strategy_drift('US_EQ_CORE_LONG_EQ', period := 'quarter');
 CREATE OR REPLACE MACRO strategy_drift(strategy, period := 'month', model := 'joint-meta-config-env-v1') AS TABLE
     WITH rows AS (
-        SELECT date_trunc(period, as_of_date)::DATE AS period_start, vector, l2_norm
+        SELECT date_trunc(period, as_of_date)::DATE AS period_start, vector::FLOAT[] AS v, l2_norm
         FROM embeddings
         WHERE strategy_id = strategy AND model_id = model AND vector IS NOT NULL AND as_of_date IS NOT NULL
     ),
     parts AS (
-        SELECT period_start, unnest(vector) AS v, generate_subscripts(vector::FLOAT[], 1) AS i FROM rows
+        -- unnest a LIST: unnesting the FLOAT[384] ARRAY is ~15x slower in DuckDB 2.0
+        SELECT period_start, unnest(v) AS x, generate_subscripts(v, 1) AS i FROM rows
     ),
     centroids AS (
         SELECT period_start, list(mean_v ORDER BY i) AS centroid
-        FROM (SELECT period_start, i, avg(v) AS mean_v FROM parts GROUP BY period_start, i)
+        FROM (SELECT period_start, i, avg(x) AS mean_v FROM parts GROUP BY period_start, i)
         GROUP BY period_start
     ),
     stats AS (
