@@ -12,6 +12,7 @@ from typing import Iterator, Protocol
 
 import pyarrow as pa
 
+from ..errors import MissingTable
 from ..urls import DatabaseURL
 
 # Columns of backtest_runs the pipeline reads, JSON as text.
@@ -27,6 +28,25 @@ EMBEDDING_READ_COLUMNS = (
 RUN_DETAIL_COLUMNS = (
     "run_id", "strategy_id", "universe_id", "start_date", "end_date", "config_json", "metrics_json",
 )
+
+
+# Columns a table must have for metabatch to use it (it may have more).
+REQUIRED_COLUMNS = {
+    "backtest_runs": ("run_id", "strategy_id", "config_json", "end_date", "universe_id", "metrics_json"),
+    "joint_embeddings": ("joint_id", "joint_type", "as_of_date", "entity_scope", "model_id", "vector"),
+}
+
+
+def require_columns(url: DatabaseURL, table: str, columns: set[str]) -> None:
+    """MissingTable unless ``columns`` (what the database has) covers the table's needs."""
+    if not columns:
+        raise MissingTable(f"table `{table}` does not exist in `{url.redacted}`", "run `metabatch migrate` first")
+    missing = [c for c in REQUIRED_COLUMNS[table] if c not in columns]
+    if missing:
+        raise MissingTable(
+            f"table `{table}` in `{url.redacted}` lacks column(s) {', '.join(missing)}",
+            "it was not made by metabatch; add the columns or use another database",
+        )
 
 
 @dataclass(frozen=True)

@@ -55,12 +55,8 @@ import pyarrow.compute as pc
 from ..errors import MetabatchError, MissingTable, StoreUnreachable
 from ..resources import resource_dir
 from ..urls import DatabaseURL
-from .base import EmbeddingFilter, RunSelection
+from .base import EmbeddingFilter, RunSelection, require_columns
 
-_REQUIRED = {
-    "backtest_runs": ("run_id", "strategy_id", "config_json", "end_date", "universe_id", "metrics_json"),
-    "joint_embeddings": ("joint_id", "joint_type", "as_of_date", "entity_scope", "model_id", "vector"),
-}
 _INSERTABLE_RUN_COLUMNS = (
     "run_id", "strategy_id", "config_json", "start_date", "end_date", "universe_id", "metrics_json", "created_at",
 )
@@ -242,17 +238,7 @@ class DuckDBStore:
                 f"`{self.url.redacted}` does not exist (no such DuckDB file)",
                 "check the path, or create the tables with `metabatch migrate`; `metabatch demo` makes a sample file",
             )
-        if not columns:
-            raise MissingTable(
-                f"table `{table}` does not exist in `{self.url.redacted}`",
-                "run `metabatch migrate` first",
-            )
-        missing = [c for c in _REQUIRED[table] if c not in columns]
-        if missing:
-            raise MissingTable(
-                f"table `{table}` in `{self.url.redacted}` lacks column(s) {', '.join(missing)}",
-                "it was not made by metabatch; add the columns or use another database",
-            )
+        require_columns(self.url, table, columns)
 
     def _no_tables(self) -> bool:
         (count,) = self.conn.sql("SELECT count(*) FROM duckdb_tables() WHERE NOT temporary").fetchall()[0]

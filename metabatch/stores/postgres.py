@@ -18,15 +18,11 @@ import adbc_driver_postgresql.dbapi as adbc
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import MissingTable, StoreUnreachable
+from ..errors import StoreUnreachable
 from ..resources import resource_dir
 from ..urls import DatabaseURL
-from .base import EMBEDDING_READ_COLUMNS, RUN_COLUMNS, RUN_DETAIL_COLUMNS, EmbeddingFilter, RunSelection
+from .base import EMBEDDING_READ_COLUMNS, RUN_COLUMNS, RUN_DETAIL_COLUMNS, EmbeddingFilter, RunSelection, require_columns
 
-_REQUIRED = {
-    "backtest_runs": ("run_id", "strategy_id", "config_json", "end_date", "universe_id", "metrics_json"),
-    "joint_embeddings": ("joint_id", "joint_type", "as_of_date", "entity_scope", "model_id", "vector"),
-}
 # Rows per record batch that ADBC hands over while streaming (about 16 MB of text).
 _READ_BATCH_BYTES = 16 * 1024 * 1024
 
@@ -98,17 +94,7 @@ class PostgresStore:
             )
             columns = {row[0] for row in cur.fetchall()}
         self.conn.commit()
-        if not columns:
-            raise MissingTable(
-                f"table `{table}` does not exist in `{self.url.redacted}`",
-                "run `metabatch migrate` first",
-            )
-        missing = [c for c in _REQUIRED[table] if c not in columns]
-        if missing:
-            raise MissingTable(
-                f"table `{table}` in `{self.url.redacted}` lacks column(s) {', '.join(missing)}",
-                "it was not made by metabatch; add the columns or use another database",
-            )
+        require_columns(self.url, table, columns)
 
     # -- runs
 
