@@ -164,7 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--batch-size", type=int, default=50_000)
+    parser.add_argument("--batch-size", type=int, default=25_000)
     parser.add_argument("--baseline-max", type=int, default=50_000, help="runs for the row-at-a-time baseline")
     parser.add_argument("--reseed", action="store_true", help="reseed even if a bench database exists")
     args = parser.parse_args()

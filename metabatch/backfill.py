@@ -26,7 +26,7 @@ from .stores.base import RunSelection
 from .urls import DatabaseURL
 from .write import write_batch
 
-DEFAULT_BATCH_ROWS = 50_000
+DEFAULT_BATCH_ROWS = 25_000
 _DONE = object()
 
 

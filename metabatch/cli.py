@@ -211,7 +211,7 @@ def seed(urls, n_runs, seed, quiet):
 @click.option("--w-env", type=WEIGHT, default=1.0, show_default=True, help="Weight of the env branch.")
 @click.option("--w-outcome", type=WEIGHT, default=1.0, show_default=True, help="Weight of the outcome branch.")
 @click.option("--joint-model-id", default="joint-meta-config-env-v1", show_default=True, help="model_id tag of the rows written.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=50_000, show_default=True, help="Runs per batch (and per transaction).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=25_000, show_default=True, help="Runs per batch (and per transaction).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def backfill(urls, strategy_ids, start, end, limit, w_config, w_env, w_outcome, joint_model_id, batch_size, quiet, as_json):
