@@ -8,7 +8,6 @@ import datetime as dt
 import json
 import re
 import warnings
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -16,33 +15,18 @@ import pytest
 from click.testing import CliRunner
 
 import metabatch
-from conftest import drop_database, make_database
 from helpers import embeddings
 from metabatch import query
 from metabatch.cli import main
 from metabatch.embed import JOINT_TYPE
 from metabatch.errors import BadInput, MetabatchError
 from metabatch.snapshot import export_parquet
-from test_snapshot import MODEL, build_database
+from test_snapshot import MODEL, database, snapshot  # noqa: F401 (shared module fixtures)
 
 SHOW_HEADER = "as_of_date,run_id,strategy_id,universe_id,model_id,dim,l2_norm"
 SIMILAR_HEADER = "cosine,euclidean,run_id,strategy_id,universe_id,as_of_date,source"
 
 
-@pytest.fixture(scope="module")
-def database():
-    url = make_database("mbquery")
-    try:
-        yield build_database(url)
-    finally:
-        drop_database(url)
-
-
-@pytest.fixture(scope="module")
-def snapshot(database, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("snap") / "snapshot"
-    export_parquet(out, database)
-    return out
 
 
 @pytest.fixture(scope="module")
