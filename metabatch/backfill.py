@@ -19,15 +19,15 @@ from typing import Callable
 import duckdb
 
 from .embed import DEFAULT_MODEL_ID, EmbeddedBatch, Weights, embed_batch
-from .unnest import ShapeCache
+from .pipes import DONE, consume, discard, pump
 from .read import read_runs
 from .stores import open_store
 from .stores.base import RunSelection
+from .unnest import ShapeCache
 from .urls import DatabaseURL
 from .write import write_batch
 
 DEFAULT_BATCH_ROWS = 25_000
-_DONE = object()
 
 
 @dataclass
@@ -59,24 +59,6 @@ class BackfillSummary:
             "runs_per_second": round(self.runs_per_second, 1),
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
         }
-
-
-def _pump(source, out: queue.Queue, stop: threading.Event, seconds: dict, key: str) -> None:
-    """Feed items of ``source`` into ``out`` (then _DONE); exceptions travel too."""
-    try:
-        iterator = iter(source)
-        while not stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                item = next(iterator)
-            except StopIteration:
-                break
-            seconds[key] += time.perf_counter() - t0
-            out.put(item)
-    except BaseException as exc:  # handed to the main thread, which re-raises it
-        out.put(exc)
-        return
-    out.put(_DONE)
 
 
 def backfill(
@@ -114,7 +96,7 @@ def backfill(
         if on_progress:
             on_progress(0, total)
         reader = threading.Thread(
-            target=_pump,
+            target=pump,
             args=(read_runs(reader_store, selection, batch_rows), read_queue, stop, summary.stage_seconds, "read"),
             daemon=True,
         )
@@ -122,7 +104,7 @@ def backfill(
         def write_loop() -> None:
             while True:
                 item = write_queue.get()
-                if item is _DONE:
+                if item is DONE:
                     return
                 t0 = time.perf_counter()
                 try:
@@ -155,12 +137,7 @@ def backfill(
                 if on_progress:
                     on_progress(done, total)
 
-        while True:
-            item = read_queue.get()
-            if item is _DONE:
-                break
-            if isinstance(item, BaseException):
-                raise item
+        for item in consume(read_queue):
             batch: EmbeddedBatch = embed_batch(item, weights, model_id, con, shapes)
             for stage, seconds in batch.seconds.items():
                 summary.stage_seconds[stage] += seconds
@@ -171,7 +148,7 @@ def backfill(
             collect(block=False)
             write_queue.put(batch)
             pending_writes += 1
-        write_queue.put(_DONE)
+        write_queue.put(DONE)
         collect(block=True)
         writer.join()
     finally:
@@ -180,10 +157,10 @@ def backfill(
         stop.set()
         for thread, q, sentinel in ((writer, write_queue, True), (reader, read_queue, False)):
             while thread is not None and thread.is_alive():
-                _drain(q)
+                discard(q)
                 if sentinel:
                     try:
-                        q.put_nowait(_DONE)
+                        q.put_nowait(DONE)
                     except queue.Full:
                         pass
                 thread.join(timeout=0.1)
@@ -193,10 +170,3 @@ def backfill(
     summary.elapsed_seconds = time.perf_counter() - started
     return summary
 
-
-def _drain(q: queue.Queue) -> None:
-    try:
-        while True:
-            q.get_nowait()
-    except queue.Empty:
-        pass

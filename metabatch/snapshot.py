@@ -61,7 +61,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Sequence
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import duckdb
@@ -73,6 +73,7 @@ import pyarrow.parquet as pq
 from . import __version__
 from .embed import DIM, JOINT_TYPE
 from .errors import BadInput, MetabatchError
+from .pipes import DONE, consume, pump
 from .stores import open_store
 from .stores.base import EmbeddingFilter, RunSelection
 from .urls import DatabaseURL, parse_url
@@ -88,7 +89,6 @@ RUNS_CHUNK_ROWS = 131_072
 RUN_BASE_COLUMNS = ("run_id", "strategy_id", "universe_id", "start_date", "end_date", "config_json", "metrics_json")
 _METRIC_KEY = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _NUMERIC_JSON = ("BIGINT", "UBIGINT", "DOUBLE", "HUGEINT")
-_DONE = object()
 
 
 _VECTOR_TYPE = pa.list_(pa.field("element", pa.float32(), nullable=False), DIM)
@@ -236,7 +236,7 @@ class _PartSink(threading.Thread):
 
         while True:
             item = self.queue.get()
-            if item is _DONE:
+            if item is DONE:
                 break
             if self.error is not None:
                 continue  # keep draining so the producer never blocks
@@ -269,7 +269,7 @@ class _PartSink(threading.Thread):
         self.queue.put((parquet_path, index_path, table))
 
     def finish(self) -> None:
-        self.queue.put(_DONE)
+        self.queue.put(DONE)
         self.join()
         if self.error is not None:
             raise self.error
@@ -495,28 +495,6 @@ class _RunWriter:
 # Threads: a reader per store, a writer per output
 
 
-def _pump(source: Iterable, out: queue.Queue, stop: threading.Event) -> None:
-    try:
-        for item in source:
-            if stop.is_set():
-                return
-            out.put(item)
-    except BaseException as exc:  # handed to the consumer, which re-raises it
-        out.put(exc)
-        return
-    out.put(_DONE)
-
-
-def _drain(q: queue.Queue) -> Iterator:
-    while True:
-        item = q.get()
-        if item is _DONE:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
 class _Worker(threading.Thread):
     def __init__(self, target: Callable[[], object]):
         super().__init__(daemon=True)
@@ -662,7 +640,7 @@ def export_parquet(
 
         def write_embeddings():
             done = 0
-            for batch in _drain(emb_q):
+            for batch in consume(emb_q):
                 emb_writer.add(batch)
                 done += batch.num_rows
                 if on_progress:
@@ -703,7 +681,7 @@ def export_parquet(
                     item = run_q.get(timeout=0.1)
                 except queue.Empty:
                     item = None
-                if item is _DONE:
+                if item is DONE:
                     done = True
                 elif isinstance(item, BaseException):
                     raise item
@@ -725,8 +703,8 @@ def export_parquet(
 
         sources = [emb_store.stream_embeddings(flt), run_store.stream_run_details(RunSelection(strategy_ids, start, end))]
         readers = [
-            threading.Thread(target=_pump, args=(sources[0], emb_q, stop), daemon=True),
-            threading.Thread(target=_pump, args=(sources[1], run_q, stop), daemon=True),
+            threading.Thread(target=pump, args=(sources[0], emb_q, stop), daemon=True),
+            threading.Thread(target=pump, args=(sources[1], run_q, stop), daemon=True),
         ]
         workers = [_Worker(write_embeddings), _Worker(write_runs)]
         for thread in (*readers, *workers):
@@ -797,7 +775,7 @@ def _stop_threads(stop: threading.Event, readers, workers, sources, queues) -> N
             for q in queues:
                 _empty(q)
                 try:
-                    q.put_nowait(_DONE)
+                    q.put_nowait(DONE)
                 except queue.Full:
                     pass
             thread.join(0.05)
