@@ -226,8 +226,8 @@ class _Struct(_Node):
         # a string) into a struct of nulls, not a null: with a reused structure
         # that value would pass for an object without members and its features
         # would be lost, so such instances are sent back to inference
-        suspicious |= valid & ~any_member
-        self.suspicious = suspicious
+        self.memberless = valid & ~any_member
+        self.suspicious = suspicious | self.memberless
 
     def place(self, sink, rows, offset, env_offset, indices):
         offset, env_offset = offset.copy(), env_offset.copy()
@@ -428,20 +428,29 @@ class _Builder:
         if known is None and n > _SAMPLE_ROWS:
             # first batch: learn from a sample, the check below catches the rest
             known = cache.structures[column] = self._structure(texts.slice(0, _SAMPLE_ROWS))
-        if not isinstance(known, dict) or _keys_collide(known):
+        if isinstance(known, dict):
+            # keys DuckDB cannot take as fields are left out: their runs fail the check
+            known = _without_colliding_keys(known)
+        if not known:
             cache.structures[column] = self._structure(texts)
             return self._objects_with(texts, cache.structures[column], _Path(), False)
         fast = self._objects_with(texts, known, _Path(), False, raw=True)
         expected, clean = text_members(texts)
         bad = _valid(texts) & ((fast.members != expected) | ~clean)
         if fast.suspicious is not None:
-            bad |= fast.suspicious
+            suspicious = fast.suspicious
+            if isinstance(fast, _Struct):
+                # a root text that starts with '{' is an object: without members it is just empty
+                suspicious = suspicious & ~(fast.memberless & (_first_bytes(texts) == ord("{")))
+            bad |= suspicious
         if not bad.any():
             return fast
         rows = np.flatnonzero(bad)
         subset = texts.take(pa.array(rows))
         structure = self._structure(subset)
-        cache.structures[column] = _merge_structures(known, structure)
+        merged = _merge_structures(known, structure)
+        # the root structure is only a guess that every run is checked against: keep it an object
+        cache.structures[column] = merged if isinstance(merged, dict) else known
         slow = self._objects_with(subset, structure, _Path(), False)
         return _Mixed(n, [(np.arange(n), _Filtered(fast, ~bad)), (rows, slow)], _valid(texts))
 
@@ -739,6 +748,19 @@ def _keys_collide(structure: dict) -> bool:
                 return True
         seen.update({key.lower(), key.casefold(), key.upper()})
     return False
+
+
+def _without_colliding_keys(structure: dict) -> dict:
+    """The structure keeping, of keys that ``_keys_collide`` objects to, only the
+    first of each group (json_transform matches keys case-sensitively, so a run
+    holding a dropped key shows a missing member)."""
+    kept, seen = {}, set()
+    for key, sub in structure.items():
+        folds = {key.lower(), key.casefold(), key.upper()}
+        if key and not folds & seen:
+            kept[key] = sub
+            seen |= folds
+    return kept
 
 
 def _is_env_key(key: str) -> bool:
