@@ -691,7 +691,9 @@ def _first_bytes(texts: pa.Array) -> np.ndarray:
     n = len(texts)
     offsets = np.frombuffer(texts.buffers()[1], np.int32)[texts.offset : texts.offset + n + 1]
     data_buffer = texts.buffers()[2]
-    data = np.frombuffer(data_buffer, np.uint8) if data_buffer is not None else np.zeros(1, np.uint8)
+    data = np.frombuffer(data_buffer, np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
+    if not len(data):  # all texts null or empty
+        data = np.zeros(1, np.uint8)
     starts, ends = offsets[:-1], offsets[1:]
     first = np.where(ends > starts, data[np.minimum(starts, max(len(data) - 1, 0))], 0).astype(np.uint8)
     if texts.null_count:

@@ -100,3 +100,25 @@ def test_text_members_match_a_plain_count(configs, compact):
             assert not ok
         if ok:
             assert count == plain(json.loads(text))
+
+
+def test_empty_objects_and_colliding_keys_keep_the_cached_structure(monkeypatch):
+    """A few '{}' or case-colliding keys in a batch must not cost every later
+    batch a structure inference over all its runs (and vectors stay exact)."""
+    from metabatch import unnest
+
+    inferred = []
+    real = unnest._Builder._structure
+    monkeypatch.setattr(unnest._Builder, "_structure", lambda self, texts: inferred.append(len(texts)) or real(self, texts))
+    con, cache = duckdb.connect(), ShapeCache()
+    common = [{"a": i, "b": "x", "sleeves": [{"id": "S1", "w": 0.5}]} for i in range(40)]
+    odd = [{}, {"a": 1, "A": 2}, {"B": 3, "b": "y"}]
+    start = 0
+    for configs in (common + odd, common + odd, common, common + odd):
+        table = _table(configs, start).set_column(5, "metrics_json", pa.array(['{"sharpe": 1.5}', "{}"] * (len(configs) // 2) + ['{"sharpe": 1.5}'] * (len(configs) % 2)))
+        start += len(configs)
+        inferred.clear()
+        _check(table, embed_batch(table, Weights(1.0, 1.0, 1.0), con=con, cache=cache))
+        assert isinstance(cache.structures["config"], dict) and isinstance(cache.structures["metrics"], dict)
+        if start > len(configs):  # after the first batch: only the odd runs are inferred
+            assert all(size <= len(odd) for size in inferred), inferred
