@@ -166,10 +166,15 @@ class PostgresStore:
                 # the same runs then replace each other's rows instead of duplicating.
                 cur.execute("SELECT pg_advisory_xact_lock(hashtext($1))", (f"metabatch:{joint_type}:{model_id}",))
                 cur.fetchall()
+                # One index probe per run id (a nested loop by construction): with
+                # `= ANY($3)` the planner, trusting stale statistics of a table that
+                # was empty, scanned every row of the model and filtered it, which
+                # grew with the table (1-2 s per batch at 1M rows).
                 cur.execute(
-                    "SELECT entity_scope ->> 'run_id', min(joint_id), count(*) FROM joint_embeddings"
-                    " WHERE joint_type = $1 AND model_id = $2 AND (entity_scope ->> 'run_id') = ANY($3)"
-                    " GROUP BY 1",
+                    "SELECT r.run_id, x.first_id, x.n FROM unnest($3::text[]) AS r (run_id) CROSS JOIN LATERAL"
+                    " (SELECT min(j.joint_id) AS first_id, count(*) AS n FROM joint_embeddings j"
+                    "  WHERE j.joint_type = $1 AND j.model_id = $2 AND (j.entity_scope ->> 'run_id') = r.run_id) x"
+                    " WHERE x.n > 0",
                     (joint_type, model_id, run_ids.to_pylist()),
                 )
                 existing = cur.fetch_arrow_table()
