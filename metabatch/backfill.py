@@ -18,7 +18,7 @@ from typing import Callable
 
 import duckdb
 
-from .embed import DEFAULT_MODEL_ID, EmbeddedBatch, Weights, embed_batch
+from .embed import DEFAULT_MODEL_ID, EmbeddedBatch, Scratch, Weights, embed_batch
 from .pipes import DONE, consume, discard, pump
 from .read import read_runs
 from .stores import open_store
@@ -85,6 +85,7 @@ def backfill(
         raise
     con = duckdb.connect()
     shapes = ShapeCache()
+    scratch = Scratch()
     stop = threading.Event()
     read_queue: queue.Queue = queue.Queue(maxsize=1)
     write_queue: queue.Queue = queue.Queue(maxsize=1)
@@ -138,7 +139,7 @@ def backfill(
                     on_progress(done, total)
 
         for item in consume(read_queue):
-            batch: EmbeddedBatch = embed_batch(item, weights, model_id, con, shapes)
+            batch: EmbeddedBatch = embed_batch(item, weights, model_id, con, shapes, scratch)
             for stage, seconds in batch.seconds.items():
                 summary.stage_seconds[stage] += seconds
             summary.runs_read += item.num_rows

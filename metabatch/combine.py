@@ -30,16 +30,21 @@ class Combined:
     reasons: np.ndarray  # (n,) object: why a non-finite run is rejected
 
 
-def combine(branches: dict[str, Branch], weights: dict[str, float]) -> Combined:
+def combine(branches: dict[str, Branch], weights: dict[str, float], out: np.ndarray | None = None) -> Combined:
     """Weighted average of the branches taken, in the spec's float32 order.
 
     An absent branch's row is all +0.0, and adding +0.0 to a sum that starts
     at +0.0 changes nothing, so every branch with weight > 0 is added to every
     row (no masking); only the denominator depends on which branches a run has.
-    The branch matrices are consumed (scaled in place).
+    The branch matrices are consumed (scaled in place). ``out``: an (n, DIM)
+    float32 array to sum into instead of a new one.
     """
     n = len(next(iter(branches.values())).present)
-    acc = np.zeros((n, DIM), np.float32)
+    if out is None:
+        acc = np.zeros((n, DIM), np.float32)
+    else:
+        acc = out
+        acc.fill(0)
     denominator = np.zeros(n, np.float32)
     taken_mask = np.zeros(n, np.int64)  # bit i set: branch i taken
     taken = {}
@@ -56,7 +61,9 @@ def combine(branches: dict[str, Branch], weights: dict[str, float]) -> Combined:
             taken_mask |= branch.present.astype(np.int64) << i
         skipped = taken_mask == 0
         np.divide(acc, np.where(skipped, np.float32(1), denominator)[:, None], out=acc)
-    nonfinite = ~skipped & ~np.isfinite(acc).all(axis=1)
+    # a row of finite float32 values cannot overflow a float64 sum, and an inf or
+    # nan in the row makes it non-finite: one pass, no (n, DIM) mask
+    nonfinite = ~skipped & ~np.isfinite(acc.sum(axis=1, dtype=np.float64))
     reasons = np.full(n, "", dtype=object)
     for row in np.flatnonzero(nonfinite):  # only the (rare) rejected runs
         culprits = [name for name, b in taken.items() if b.present[row] and not np.isfinite(b.matrix[row]).all()]

@@ -39,6 +39,21 @@ class EmbeddedBatch:
     seconds: dict[str, float] = field(default_factory=dict)  # per stage: unnest, encode, combine
 
 
+class Scratch:
+    """Matrices a job reuses from batch to batch (the three branches and their
+    sum): reused memory is already mapped, fresh memory costs a page fault and
+    a zeroing per page. Nothing in it outlives the batch that fills it."""
+
+    def __init__(self):
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def matrix(self, name: str, n: int) -> np.ndarray:
+        array = self._arrays.get(name)
+        if array is None or len(array) < n:
+            array = self._arrays[name] = np.empty((n, DIM), np.float32)
+        return array[:n]
+
+
 def _top_level_objects(con, texts: pa.Array, column: str):
     """Split a JSON text column by the spec's top-level rule.
 
@@ -80,12 +95,15 @@ def embed_batch(
     model_id: str = DEFAULT_MODEL_ID,
     con: duckdb.DuckDBPyConnection | None = None,
     cache: ShapeCache | None = None,
+    scratch: Scratch | None = None,
 ) -> EmbeddedBatch:
     """Encode a batch of runs into joint embedding rows (see the module docstring).
 
     ``cache``: pass one ``ShapeCache`` to every batch of a job so that later
-    batches reuse the JSON structure learnt from earlier ones.
+    batches reuse the JSON structure learnt from earlier ones; ``scratch``:
+    likewise one ``Scratch``, so that they reuse its matrices.
     """
+    scratch = scratch or Scratch()
     con = con or duckdb.connect()
     n = runs.num_rows
     seconds = {}
@@ -96,12 +114,13 @@ def embed_batch(
     out = unnest_metrics(con, metrics, DIM, cache)
     t1 = time.perf_counter()
     branches = {
-        "config": to_branch(cfg.leaves["config"], cfg.counts["config"], n),
-        "env": to_branch(cfg.leaves["env"], cfg.counts["env"], n),
-        "outcome": to_branch(out.leaves["outcome"], out.counts["outcome"], n),
+        "config": to_branch(cfg.leaves["config"], cfg.counts["config"], n, scratch.matrix("config", n)),
+        "env": to_branch(cfg.leaves["env"], cfg.counts["env"], n, scratch.matrix("env", n)),
+        "outcome": to_branch(out.leaves["outcome"], out.counts["outcome"], n, scratch.matrix("outcome", n)),
     }
     t2 = time.perf_counter()
-    joint = combine(branches, {"config": weights.config, "env": weights.env, "outcome": weights.outcome})
+    weight_of = {"config": weights.config, "env": weights.env, "outcome": weights.outcome}
+    joint = combine(branches, weight_of, out=scratch.matrix("joint", n))
     t3 = time.perf_counter()
 
     run_ids = runs.column("run_id").combine_chunks()
@@ -115,10 +134,9 @@ def embed_batch(
 
     keep = pa.array(write_mask)
     kept = runs.filter(keep)
+    # a copy (the scratch matrix is reused by the next batch), in little-endian float32
     vectors = np.ascontiguousarray(joint.vectors[write_mask], dtype="<f4")
-    vector_bytes = pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(DIM * 4), len(vectors), [None, pa.py_buffer(vectors.tobytes())]
-    )
+    vector_bytes = pa.FixedSizeBinaryArray.from_buffers(pa.binary(DIM * 4), len(vectors), [None, pa.py_buffer(vectors)])
     scope = pa.StructArray.from_arrays(
         [
             kept.column("run_id").combine_chunks(),
