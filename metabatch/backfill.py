@@ -3,9 +3,10 @@
 ``backfill(...)`` reads the selected runs from the runtime store, embeds each
 batch (unnest, encode, combine: see ``embed``) and writes it to the historical
 store in its own transaction. Reading, embedding and writing overlap: a reader
-thread fetches the next batch and a writer thread commits the previous one
-while the main thread encodes (the database does most of the reading and
-writing work, so the two cores are kept busy). Returns a ``BackfillSummary``.
+thread fetches the next batch and does its parse-free part (``prepare_runs``)
+and a writer thread commits the previous one while the main thread encodes
+(the database does most of the reading and writing work, so the two cores are
+kept busy). Returns a ``BackfillSummary``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable
 
 import duckdb
 
-from .embed import DEFAULT_MODEL_ID, EmbeddedBatch, Scratch, Weights, embed_batch
+from .embed import DEFAULT_MODEL_ID, EmbeddedBatch, Scratch, Weights, embed_batch, prepare_runs
 from .pipes import DONE, consume, discard, pump
 from .read import read_runs
 from .stores import open_store
@@ -91,16 +92,31 @@ def backfill(
     write_queue: queue.Queue = queue.Queue(maxsize=1)
     write_results: queue.Queue = queue.Queue()
     reader = writer = None
+    reader_seconds = {"read": 0.0, "unnest": 0.0}  # the reader thread's own (merged at the end)
     try:
         total = reader_store.count_runs(selection)
         writer_store.check_table("joint_embeddings")
         if on_progress:
             on_progress(0, total)
-        reader = threading.Thread(
-            target=pump,
-            args=(read_runs(reader_store, selection, batch_rows), read_queue, stop, summary.stage_seconds, "read"),
-            daemon=True,
-        )
+        def read_and_prepare():
+            # the reader thread also does the batch's parse-free work (prepare_runs)
+            prepare_con = duckdb.connect()
+            try:
+                batches = iter(read_runs(reader_store, selection, batch_rows))
+                while True:
+                    t0 = time.perf_counter()
+                    runs = next(batches, None)
+                    t1 = time.perf_counter()
+                    reader_seconds["read"] += t1 - t0
+                    if runs is None:
+                        return
+                    prepared = prepare_runs(runs, prepare_con)
+                    reader_seconds["unnest"] += time.perf_counter() - t1
+                    yield prepared
+            finally:
+                prepare_con.close()
+
+        reader = threading.Thread(target=pump, args=(read_and_prepare(), read_queue, stop), daemon=True)
 
         def write_loop() -> None:
             while True:
@@ -142,7 +158,7 @@ def backfill(
             batch: EmbeddedBatch = embed_batch(item, weights, model_id, con, shapes, scratch)
             for stage, seconds in batch.seconds.items():
                 summary.stage_seconds[stage] += seconds
-            summary.runs_read += item.num_rows
+            summary.runs_read += item.runs.num_rows
             summary.skipped += batch.skipped
             summary.rejected.extend(batch.rejected)
             summary.batches += 1
@@ -168,6 +184,8 @@ def backfill(
         con.close()
         reader_store.close()
         writer_store.close()
+    for stage, seconds in reader_seconds.items():
+        summary.stage_seconds[stage] += seconds
     summary.elapsed_seconds = time.perf_counter() - started
     return summary
 

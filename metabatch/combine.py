@@ -63,7 +63,8 @@ def combine(branches: dict[str, Branch], weights: dict[str, float], out: np.ndar
         np.divide(acc, np.where(skipped, np.float32(1), denominator)[:, None], out=acc)
     # a row of finite float32 values cannot overflow a float64 sum, and an inf or
     # nan in the row makes it non-finite: one pass, no (n, DIM) mask
-    nonfinite = ~skipped & ~np.isfinite(acc.sum(axis=1, dtype=np.float64))
+    with np.errstate(invalid="ignore"):  # inf + -inf
+        nonfinite = ~skipped & ~np.isfinite(acc.sum(axis=1, dtype=np.float64))
     reasons = np.full(n, "", dtype=object)
     for row in np.flatnonzero(nonfinite):  # only the (rare) rejected runs
         culprits = [name for name, b in taken.items() if b.present[row] and not np.isfinite(b.matrix[row]).all()]

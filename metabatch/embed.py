@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from .combine import combine
 from .encode import DIM, to_branch
-from .unnest import ShapeCache, unnest_config, unnest_metrics
+from .unnest import ShapeCache, TextFacts, text_facts, unnest_config, unnest_metrics
 
 JOINT_TYPE = "META_CONFIG_ENV_V0"
 DEFAULT_MODEL_ID = "joint-meta-config-env-v1"
@@ -40,9 +40,9 @@ class EmbeddedBatch:
 
 
 class Scratch:
-    """Matrices a job reuses from batch to batch (the three branches and their
-    sum): reused memory is already mapped, fresh memory costs a page fault and
-    a zeroing per page. Nothing in it outlives the batch that fills it."""
+    """Matrices a job reuses from batch to batch (one per branch): reused memory
+    is already mapped, fresh memory costs a page fault and a zeroing per page.
+    Nothing in it outlives the batch that fills it."""
 
     def __init__(self):
         self._arrays: dict[str, np.ndarray] = {}
@@ -89,8 +89,32 @@ def _top_level_objects(con, texts: pa.Array, column: str):
     return objects, reasons
 
 
+@dataclass
+class PreparedRuns:
+    """A batch of runs with the work that needs no parse done: the JSON split by
+    the spec's top-level rule (see ``_top_level_objects``) and the ``TextFacts``
+    of the objects. ``prepare_runs`` makes it; a job's reader thread calls it so
+    that it overlaps the encoding of the previous batch."""
+
+    runs: pa.Table
+    config: pa.Array
+    config_bad: np.ndarray
+    config_facts: TextFacts
+    metrics: pa.Array
+    metrics_bad: np.ndarray
+    metrics_facts: TextFacts
+
+
+def prepare_runs(runs: pa.Table, con: duckdb.DuckDBPyConnection | None = None) -> PreparedRuns:
+    """See ``PreparedRuns``. ``con``: a DuckDB connection this thread may use."""
+    con = con or duckdb.connect()
+    config, config_bad = _top_level_objects(con, runs.column("config_json").combine_chunks(), "config_json")
+    metrics, metrics_bad = _top_level_objects(con, runs.column("metrics_json").combine_chunks(), "metrics_json")
+    return PreparedRuns(runs, config, config_bad, text_facts(config), metrics, metrics_bad, text_facts(metrics))
+
+
 def embed_batch(
-    runs: pa.Table,
+    runs: pa.Table | PreparedRuns,
     weights: Weights = Weights(),
     model_id: str = DEFAULT_MODEL_ID,
     con: duckdb.DuckDBPyConnection | None = None,
@@ -101,17 +125,19 @@ def embed_batch(
 
     ``cache``: pass one ``ShapeCache`` to every batch of a job so that later
     batches reuse the JSON structure learnt from earlier ones; ``scratch``:
-    likewise one ``Scratch``, so that they reuse its matrices.
+    likewise one ``Scratch``, so that they reuse its matrices. ``runs`` may
+    come from ``prepare_runs``.
     """
     scratch = scratch or Scratch()
     con = con or duckdb.connect()
-    n = runs.num_rows
     seconds = {}
     t0 = time.perf_counter()
-    config, config_bad = _top_level_objects(con, runs.column("config_json").combine_chunks(), "config_json")
-    metrics, metrics_bad = _top_level_objects(con, runs.column("metrics_json").combine_chunks(), "metrics_json")
-    cfg = unnest_config(con, config, DIM, cache)
-    out = unnest_metrics(con, metrics, DIM, cache)
+    prepared = runs if isinstance(runs, PreparedRuns) else prepare_runs(runs, con)
+    runs = prepared.runs
+    n = runs.num_rows
+    config_bad, metrics_bad = prepared.config_bad, prepared.metrics_bad
+    cfg = unnest_config(con, prepared.config, DIM, cache, prepared.config_facts)
+    out = unnest_metrics(con, prepared.metrics, DIM, cache, prepared.metrics_facts)
     t1 = time.perf_counter()
     branches = {
         "config": to_branch(cfg.leaves["config"], cfg.counts["config"], n, scratch.matrix("config", n)),
@@ -120,7 +146,9 @@ def embed_batch(
     }
     t2 = time.perf_counter()
     weight_of = {"config": weights.config, "env": weights.env, "outcome": weights.outcome}
-    joint = combine(branches, weight_of, out=scratch.matrix("joint", n))
+    # the sum is new memory (not scratch): it becomes the batch's vectors, which the
+    # writer still holds while the next batch is encoded
+    joint = combine(branches, weight_of)
     t3 = time.perf_counter()
 
     run_ids = runs.column("run_id").combine_chunks()
@@ -134,8 +162,8 @@ def embed_batch(
 
     keep = pa.array(write_mask)
     kept = runs.filter(keep)
-    # a copy (the scratch matrix is reused by the next batch), in little-endian float32
-    vectors = np.ascontiguousarray(joint.vectors[write_mask], dtype="<f4")
+    vectors = joint.vectors if write_mask.all() else joint.vectors[write_mask]
+    vectors = np.ascontiguousarray(vectors, dtype="<f4")
     vector_bytes = pa.FixedSizeBinaryArray.from_buffers(pa.binary(DIM * 4), len(vectors), [None, pa.py_buffer(vectors)])
     scope = pa.StructArray.from_arrays(
         [

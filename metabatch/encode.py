@@ -29,8 +29,9 @@ class Branch:
 
 
 def hash_tokens(tokens: pa.Array) -> np.ndarray:
-    """h("path=value") for each token, as doubles: SHA-1, first 8 bytes, mod 2^63-1."""
-    encoded = pc.dictionary_encode(tokens)
+    """h("path=value") for each token, as doubles: SHA-1, first 8 bytes, mod 2^63-1.
+    Of a dictionary array, only the dictionary is hashed (once per entry)."""
+    encoded = tokens if isinstance(tokens, pa.DictionaryArray) else pc.dictionary_encode(tokens)
     unique = encoded.dictionary.to_pylist()
     digests = b"".join(hashlib.sha1(t.encode("utf-8")).digest()[:8] for t in unique)
     v = np.frombuffer(digests, dtype=">u8").astype(np.uint64)

@@ -198,12 +198,35 @@ class _Strings(_Node):
         v = self.valid
         if not v.any():
             return
-        mask = pa.array(v)
-        paths = self.path.render([ix[v] for ix in indices] if indices else [], int(v.sum()))
-        tokens = pc.binary_join_element_wise(paths, self.values.filter(mask), "=")
+        tokens = self.tokens(self.values.filter(pa.array(v)), [ix[v] for ix in indices])
         sink.strings("config", rows[v], offset[v], tokens)
         if self.env:
             sink.strings("env", rows[v], env_offset[v], tokens)
+
+
+    def tokens(self, values: pa.Array, indices: list[np.ndarray]) -> pa.DictionaryArray:
+        """The ``path=value`` token of every instance, dictionary-encoded: only
+        the distinct (list indices, value) pairs are rendered (and later hashed)."""
+        encoded = pc.dictionary_encode(values)
+        key = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), np.int64)
+        radix = len(encoded.dictionary)
+        for ix in indices:  # one integer per (value, list indices), in mixed radix
+            size = int(ix.max(initial=0)) + 1
+            if radix * size >= 2**62:  # too many combinations to number: render each instance
+                return pc.dictionary_encode(pc.binary_join_element_wise(self.path.render(indices, len(values)), values, "="))
+            key, radix = key * size + ix, radix * size
+        if not indices:
+            unique, inverse = np.arange(radix), key
+        else:
+            unique, inverse = np.unique(key, return_inverse=True)
+        digits, rest = [], unique
+        for ix in reversed(indices):
+            size = int(ix.max(initial=0)) + 1
+            digits.append(rest % size)
+            rest = rest // size
+        paths = self.path.render(digits[::-1], len(unique))
+        rendered = pc.binary_join_element_wise(paths, encoded.dictionary.take(pa.array(rest)), "=")
+        return pa.DictionaryArray.from_arrays(pa.array(inverse, pa.int32()), rendered)
 
 
 class _Struct(_Node):
@@ -364,6 +387,24 @@ def text_members(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return members.fill_null(0).to_numpy().astype(np.int64), ~unclear.fill_null(False).to_numpy()
 
 
+@dataclass
+class TextFacts:
+    """What the root texts of a batch show before any parse: per text its
+    non-null object members and whether that count is exact (``text_members``),
+    and whether any text nests too deep for a typed parse."""
+
+    members: np.ndarray
+    clean: np.ndarray
+    deep: bool
+
+
+def text_facts(texts: pa.Array) -> TextFacts:
+    """The ``TextFacts`` of a column of JSON texts (whole-column passes, no parse:
+    a reader thread computes them while the previous batch is encoded)."""
+    members, clean = text_members(texts)
+    return TextFacts(members, clean, _too_deep(texts))
+
+
 # --------------------------------------------------------------------------
 # Building nodes from DuckDB's typed output
 
@@ -371,10 +412,13 @@ def text_members(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 class _Builder:
     """Turns JSON text into nodes, with one DuckDB connection."""
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, strings: bool, descend: bool):
+    def __init__(self, con: duckdb.DuckDBPyConnection, strings: bool, descend: bool, shallow: bool = False):
         self.con = con
         self.strings = strings  # False for the outcome branch: strings give no feature
         self.descend = descend  # False for the outcome branch: only top-level keys
+        # True when the root texts were checked: then no value inside them nests
+        # too deep either, and the (whole-column) check is not repeated
+        self.shallow = shallow
 
     def _query(self, sql: str, texts: pa.Array, params=None) -> pa.Array:
         table = pa.table({"j": texts})
@@ -394,7 +438,7 @@ class _Builder:
     def _structure(self, texts: pa.Array):
         """DuckDB's merged structure of the texts, or None when they nest too deep
         for it (the callers then walk the values by JSON pointer, a level at a time)."""
-        if _too_deep(texts):
+        if not self.shallow and _too_deep(texts):
             return None
         structure = self._query("SELECT json_group_structure(j::JSON) FROM mb_input", texts)[0].as_py()
         return json.loads(structure) if structure is not None else None
@@ -413,7 +457,7 @@ class _Builder:
         )
         return self._struct(typed, shape, path, env)
 
-    def root_objects(self, texts: pa.Array, cache: "ShapeCache") -> _Node:
+    def root_objects(self, texts: pa.Array, cache: "ShapeCache", facts: TextFacts | None = None) -> _Node:
         """Like ``objects`` for the root, reusing the structure of earlier batches.
 
         Inferring the structure costs DuckDB about three times the parse
@@ -421,6 +465,7 @@ class _Builder:
         scalars parsed as raw JSON (no silent casts), and every run's feature
         count is checked against the scalars counted in its text. Only the
         runs that do not match (new keys or shapes) pay for inference.
+        ``facts``: the texts' ``TextFacts`` when already known.
         """
         n = len(texts)
         column = "config" if self.descend else "metrics"
@@ -435,7 +480,7 @@ class _Builder:
             cache.structures[column] = self._structure(texts)
             return self._objects_with(texts, cache.structures[column], _Path(), False)
         fast = self._objects_with(texts, known, _Path(), False, raw=True)
-        expected, clean = text_members(texts)
+        expected, clean = (facts.members, facts.clean) if facts is not None else text_members(texts)
         bad = _valid(texts) & ((fast.members != expected) | ~clean)
         if fast.suspicious is not None:
             suspicious = fast.suspicious
@@ -775,29 +820,35 @@ def _is_env_key(key: str) -> bool:
 
 
 def unnest_config(
-    con: duckdb.DuckDBPyConnection, objects: pa.Array, limit: int, cache: ShapeCache | None = None
+    con: duckdb.DuckDBPyConnection,
+    objects: pa.Array,
+    limit: int,
+    cache: ShapeCache | None = None,
+    facts: TextFacts | None = None,
 ) -> Unnested:
     """Config and env leaves of a column of JSON objects (null for no object).
 
     Pass the same ``cache`` for every batch of a job: later batches then reuse
-    the structure of earlier ones (see ``_Builder.root_objects``).
+    the structure of earlier ones (see ``_Builder.root_objects``). ``facts``:
+    the ``text_facts`` of ``objects``, when already computed.
     """
-    builder = _Builder(con, strings=True, descend=True)
-    with _recursion_room(objects):
+    deep = facts.deep if facts is not None else _too_deep(objects)
+    builder = _Builder(con, strings=True, descend=True, shallow=not deep)
+    with _recursion_room(objects, deep):
         if cache is None:
             root = builder.objects(objects, _Path(), False)
         else:
-            root = builder.root_objects(objects, cache)
+            root = builder.root_objects(objects, cache, facts)
         return _place(root, len(objects), limit, ("config", "env"), {"config": root.count, "env": root.env_count})
 
 
 @contextmanager
-def _recursion_room(texts: pa.Array):
+def _recursion_room(texts: pa.Array, deep: bool):
     """Building and placing nodes recurse a few frames per level of nesting, so a
     config nested a few hundred levels deep (valid jsonb) would exceed Python's
     default limit: raise it for the deepest text of the batch, then restore it.
     (Python-to-Python calls use no C stack since 3.11, so this is safe.)"""
-    if not _too_deep(texts):
+    if not deep:
         yield
         return
     old = sys.getrecursionlimit()
@@ -809,11 +860,18 @@ def _recursion_room(texts: pa.Array):
 
 
 def unnest_metrics(
-    con: duckdb.DuckDBPyConnection, objects: pa.Array, limit: int, cache: ShapeCache | None = None
+    con: duckdb.DuckDBPyConnection,
+    objects: pa.Array,
+    limit: int,
+    cache: ShapeCache | None = None,
+    facts: TextFacts | None = None,
 ) -> Unnested:
     """Outcome leaves: top-level numbers and booleans of each JSON object."""
-    builder = _Builder(con, strings=False, descend=False)
-    root = builder.objects(objects, _Path(), False) if cache is None else builder.root_objects(objects, cache)
+    builder = _Builder(con, strings=False, descend=False, shallow=facts is not None and not facts.deep)
+    if cache is None:
+        root = builder.objects(objects, _Path(), False)
+    else:
+        root = builder.root_objects(objects, cache, facts)
     result = _place(root, len(objects), limit, ("config", "env"), {"outcome": root.count})
     return Unnested(result.counts, {"outcome": result.leaves["config"]})
 

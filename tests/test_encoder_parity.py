@@ -623,9 +623,10 @@ def test_float32_overflow_is_rejected(pg):
         ({"a": 3.4028235677973362e38}, {}),  # just under FLT_MAX + half an ulp: rounds to FLT_MAX
         ({"a": 3.4028235677973366e38}, {}),  # FLT_MAX + half an ulp: ties to even, inf
         ({"a": 1e308}, {}),
+        ({"a": 3.5e38, "b": -3.5e38}, {}),  # inf and -inf in one vector
     ]
     got = check(pg, docs)
-    assert [g[0] for g in got] == ["rejected", "rejected", "rejected", "ok", "ok", "rejected", "rejected"]
+    assert [g[0] for g in got] == ["rejected", "rejected", "rejected", "ok", "ok", "rejected", "rejected", "rejected"]
     assert floats_of(got[4][1])[0] == np.float32(FLT_MAX)
 
 
