@@ -30,21 +30,16 @@ class Combined:
     reasons: np.ndarray  # (n,) object: why a non-finite run is rejected
 
 
-def combine(branches: dict[str, Branch], weights: dict[str, float], out: np.ndarray | None = None) -> Combined:
+def combine(branches: dict[str, Branch], weights: dict[str, float]) -> Combined:
     """Weighted average of the branches taken, in the spec's float32 order.
 
     An absent branch's row is all +0.0, and adding +0.0 to a sum that starts
     at +0.0 changes nothing, so every branch with weight > 0 is added to every
     row (no masking); only the denominator depends on which branches a run has.
-    The branch matrices are consumed (scaled in place). ``out``: an (n, DIM)
-    float32 array to sum into instead of a new one.
+    The branch matrices are consumed (scaled in place).
     """
     n = len(next(iter(branches.values())).present)
-    if out is None:
-        acc = np.zeros((n, DIM), np.float32)
-    else:
-        acc = out
-        acc.fill(0)
+    acc = None
     denominator = np.zeros(n, np.float32)
     taken_mask = np.zeros(n, np.int64)  # bit i set: branch i taken
     taken = {}
@@ -55,10 +50,17 @@ def combine(branches: dict[str, Branch], weights: dict[str, float], out: np.ndar
                 continue
             branch = branches[name]
             taken[name] = branch
-            np.multiply(branch.matrix, w, out=branch.matrix)  # float32 * float32
-            np.add(acc, branch.matrix, out=acc)
+            if w != 1:  # x * 1 is x, bit for bit
+                np.multiply(branch.matrix, w, out=branch.matrix)  # float32 * float32
+            if acc is None:
+                # the sum starts at +0.0, and 0.0 + x turns a -0.0 into +0.0
+                acc = np.add(branch.matrix, np.float32(0), dtype=np.float32)
+            else:
+                np.add(acc, branch.matrix, out=acc)
             denominator = np.where(branch.present, denominator + w, denominator)
             taken_mask |= branch.present.astype(np.int64) << i
+        if acc is None:  # no weight > 0
+            acc = np.zeros((n, DIM), np.float32)
         skipped = taken_mask == 0
         np.divide(acc, np.where(skipped, np.float32(1), denominator)[:, None], out=acc)
     # a row of finite float32 values cannot overflow a float64 sum, and an inf or
