@@ -3,7 +3,7 @@
 ``backfill(...)`` reads the selected runs from the runtime store, embeds each
 batch (unnest, encode, combine: see ``embed``) and writes it to the historical
 store in its own transaction. Reading, embedding and writing overlap: a reader
-thread fetches the next batch and does its parse-free part (``prepare_runs``)
+thread fetches the next batch and does part of its work (``prepare_runs``)
 and a writer thread commits the previous one while the main thread encodes
 (the database does most of the reading and writing work, so the two cores are
 kept busy). Returns a ``BackfillSummary``.
@@ -99,7 +99,7 @@ def backfill(
         if on_progress:
             on_progress(0, total)
         def read_and_prepare():
-            # the reader thread also does the batch's parse-free work (prepare_runs)
+            # the reader thread also does part of each batch's work (prepare_runs)
             prepare_con = duckdb.connect()
             try:
                 batches = iter(read_runs(reader_store, selection, batch_rows))
@@ -110,7 +110,7 @@ def backfill(
                     reader_seconds["read"] += t1 - t0
                     if runs is None:
                         return
-                    prepared = prepare_runs(runs, prepare_con)
+                    prepared = prepare_runs(runs, prepare_con, shapes)
                     reader_seconds["unnest"] += time.perf_counter() - t1
                     yield prepared
             finally:

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from .combine import combine
 from .encode import DIM, to_branch
-from .unnest import ShapeCache, TextFacts, text_facts, unnest_config, unnest_metrics
+from .unnest import ShapeCache, TextFacts, Unnested, text_facts, unnest_config, unnest_metrics
 
 JOINT_TYPE = "META_CONFIG_ENV_V0"
 DEFAULT_MODEL_ID = "joint-meta-config-env-v1"
@@ -91,26 +91,30 @@ def _top_level_objects(con, texts: pa.Array, column: str):
 
 @dataclass
 class PreparedRuns:
-    """A batch of runs with the work that needs no parse done: the JSON split by
-    the spec's top-level rule (see ``_top_level_objects``) and the ``TextFacts``
-    of the objects. ``prepare_runs`` makes it; a job's reader thread calls it so
-    that it overlaps the encoding of the previous batch."""
+    """A batch of runs with part of the work done: the JSON split by the spec's
+    top-level rule (see ``_top_level_objects``), the ``TextFacts`` of the config
+    objects and the outcome leaves (the metrics, a small parse). ``prepare_runs``
+    makes it; a job's reader thread calls it, beside the encoding of the
+    previous batch."""
 
     runs: pa.Table
     config: pa.Array
     config_bad: np.ndarray
     config_facts: TextFacts
-    metrics: pa.Array
     metrics_bad: np.ndarray
-    metrics_facts: TextFacts
+    outcome: Unnested
 
 
-def prepare_runs(runs: pa.Table, con: duckdb.DuckDBPyConnection | None = None) -> PreparedRuns:
-    """See ``PreparedRuns``. ``con``: a DuckDB connection this thread may use."""
+def prepare_runs(
+    runs: pa.Table, con: duckdb.DuckDBPyConnection | None = None, cache: ShapeCache | None = None
+) -> PreparedRuns:
+    """See ``PreparedRuns``. ``con``: a DuckDB connection this thread may use;
+    ``cache``: the job's ``ShapeCache`` (this uses its metrics part only)."""
     con = con or duckdb.connect()
     config, config_bad = _top_level_objects(con, runs.column("config_json").combine_chunks(), "config_json")
     metrics, metrics_bad = _top_level_objects(con, runs.column("metrics_json").combine_chunks(), "metrics_json")
-    return PreparedRuns(runs, config, config_bad, text_facts(config), metrics, metrics_bad, text_facts(metrics))
+    outcome = unnest_metrics(con, metrics, DIM, cache, text_facts(metrics))
+    return PreparedRuns(runs, config, config_bad, text_facts(config), metrics_bad, outcome)
 
 
 def embed_batch(
@@ -132,12 +136,12 @@ def embed_batch(
     con = con or duckdb.connect()
     seconds = {}
     t0 = time.perf_counter()
-    prepared = runs if isinstance(runs, PreparedRuns) else prepare_runs(runs, con)
+    prepared = runs if isinstance(runs, PreparedRuns) else prepare_runs(runs, con, cache)
     runs = prepared.runs
     n = runs.num_rows
     config_bad, metrics_bad = prepared.config_bad, prepared.metrics_bad
     cfg = unnest_config(con, prepared.config, DIM, cache, prepared.config_facts)
-    out = unnest_metrics(con, prepared.metrics, DIM, cache, prepared.metrics_facts)
+    out = prepared.outcome
     t1 = time.perf_counter()
     branches = {
         "config": to_branch(cfg.leaves["config"], cfg.counts["config"], n, scratch.matrix("config", n)),

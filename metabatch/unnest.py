@@ -348,7 +348,9 @@ _SAMPLE_ROWS = 2_000
 
 @dataclass
 class ShapeCache:
-    """The merged JSON structures seen so far in a job, per column (across batches)."""
+    """The merged JSON structures seen so far in a job, per column (across batches).
+    Two threads may share one if each works on its own column (a backfill's
+    reader thread unnests the metrics, its main thread the configs)."""
 
     structures: dict = field(default_factory=dict)
 
