@@ -73,7 +73,8 @@ def backfill(
 ) -> BackfillSummary:
     """Embed the selected runs and write them; see the module docstring.
 
-    ``on_progress(runs_done, runs_total)`` is called after each batch is written.
+    ``on_progress(runs_done, runs_total)`` is called after each batch is
+    written (only then are the selected runs counted first).
     """
     historical_url = historical_url or runtime_url
     summary = BackfillSummary()
@@ -94,7 +95,10 @@ def backfill(
     reader = writer = None
     reader_seconds = {"read": 0.0, "unnest": 0.0}  # the reader thread's own (merged at the end)
     try:
-        total = reader_store.count_runs(selection)
+        # the total is for a progress bar only: counting costs a scan of the
+        # runs before the first batch (3.7 s of a 50 s job at 1M runs)
+        reader_store.check_table("backtest_runs")
+        total = reader_store.count_runs(selection) if on_progress else None
         writer_store.check_table("joint_embeddings")
         if on_progress:
             on_progress(0, total)
