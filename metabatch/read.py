@@ -14,17 +14,20 @@ import pyarrow as pa
 from .stores.base import RunSelection, Store
 
 
-def read_runs(store: Store, selection: RunSelection, batch_rows: int) -> Iterator[pa.Table]:
+def read_runs(store: Store, selection: RunSelection, batch_rows: int, first_rows: int | None = None) -> Iterator[pa.Table]:
+    """``first_rows``: a smaller first batch, so that a pipeline that waits for
+    it (the encoder, then the writer) starts sooner."""
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
+    size = min(first_rows or batch_rows, batch_rows)
     for batch in store.read_runs(selection):
         while batch.num_rows:
-            take = min(batch.num_rows, batch_rows - pending_rows)
+            take = min(batch.num_rows, size - pending_rows)
             pending.append(batch.slice(0, take))
             pending_rows += take
             batch = batch.slice(take)
-            if pending_rows == batch_rows:
+            if pending_rows == size:
                 yield pa.Table.from_batches(pending).combine_chunks()
-                pending, pending_rows = [], 0
+                pending, pending_rows, size = [], 0, batch_rows
     if pending_rows:
         yield pa.Table.from_batches(pending).combine_chunks()

@@ -231,6 +231,22 @@ def test_read_runs_streams_in_batches(url):
     assert len(batches) > 1 and sum(b.num_rows for b in batches) == 40_000
 
 
+def test_read_runs_makes_batches_of_the_asked_sizes(url):
+    from metabatch.read import read_runs
+
+    store = opened(url)
+    try:
+        store.insert_runs(many_runs(2_500))
+        sizes = [t.num_rows for t in read_runs(store, RunSelection(), 1_000, first_rows=200)]
+        plain = [t.num_rows for t in read_runs(store, RunSelection(), 1_000)]
+        ids = [i for t in read_runs(store, RunSelection(), 1_000, first_rows=200) for i in t.column("run_id").to_pylist()]
+    finally:
+        store.close()
+    assert sizes == [200, 1_000, 1_000, 300]
+    assert plain == [1_000, 1_000, 500]
+    assert len(ids) == len(set(ids)) == 2_500
+
+
 # -- embeddings
 
 
