@@ -32,7 +32,8 @@ DEFAULT_BATCH_ROWS = 25_000
 
 
 def first_batch_rows(batch_rows: int) -> int:
-    """The first batch is smaller, so that encoding and then writing start sooner."""
+    """The first batch is smaller (the next ones double up to ``batch_rows``),
+    so that encoding and then writing start sooner."""
     return max(1, batch_rows // 5)
 
 

@@ -15,8 +15,9 @@ from .stores.base import RunSelection, Store
 
 
 def read_runs(store: Store, selection: RunSelection, batch_rows: int, first_rows: int | None = None) -> Iterator[pa.Table]:
-    """``first_rows``: a smaller first batch, so that a pipeline that waits for
-    it (the encoder, then the writer) starts sooner."""
+    """``first_rows``: start with a smaller batch and double the size up to
+    ``batch_rows``, so that a pipeline that waits for the first batches (the
+    encoder, then the writer) starts sooner."""
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
     size = min(first_rows or batch_rows, batch_rows)
@@ -28,6 +29,6 @@ def read_runs(store: Store, selection: RunSelection, batch_rows: int, first_rows
             batch = batch.slice(take)
             if pending_rows == size:
                 yield pa.Table.from_batches(pending).combine_chunks()
-                pending, pending_rows, size = [], 0, batch_rows
+                pending, pending_rows, size = [], 0, min(2 * size, batch_rows)
     if pending_rows:
         yield pa.Table.from_batches(pending).combine_chunks()

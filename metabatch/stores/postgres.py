@@ -23,8 +23,11 @@ from ..resources import resource_dir
 from ..urls import DatabaseURL
 from .base import EMBEDDING_READ_COLUMNS, RUN_COLUMNS, RUN_DETAIL_COLUMNS, EmbeddingFilter, RunSelection, require_columns
 
-# Rows per record batch that ADBC hands over while streaming (about 16 MB of text).
+# Bytes per record batch that ADBC hands over while streaming; the runs come in
+# smaller record batches, so that a backfill's first (small) batch is not held
+# back until 16 MB have arrived.
 _READ_BATCH_BYTES = 16 * 1024 * 1024
+_RUNS_BATCH_BYTES = 4 * 1024 * 1024
 
 
 def _scrub(message: str, url: DatabaseURL) -> str:
@@ -144,7 +147,7 @@ class PostgresStore:
     def read_runs(self, selection: RunSelection) -> Iterator[pa.RecordBatch]:
         query = self._runs_query(selection, ", ".join(RUN_COLUMNS))
         cur = self.conn.cursor()
-        cur.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(_READ_BATCH_BYTES)})
+        cur.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(_RUNS_BATCH_BYTES)})
         try:
             cur.execute(query)
             reader = cur.fetch_record_batch()
