@@ -204,15 +204,14 @@ class _Strings(_Node):
         if self.env:
             sink.strings("env", rows[v], env_offset[v], tokens)
 
-
     def tokens(self, values: pa.Array, indices: list[np.ndarray]) -> pa.DictionaryArray:
         """The ``path=value`` token of every instance, dictionary-encoded: only
         the distinct (list indices, value) pairs are rendered (and later hashed)."""
         encoded = pc.dictionary_encode(values)
         key = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), np.int64)
         radix = len(encoded.dictionary)
-        for ix in indices:  # one integer per (value, list indices), in mixed radix
-            size = int(ix.max(initial=0)) + 1
+        sizes = [int(ix.max(initial=0)) + 1 for ix in indices]
+        for ix, size in zip(indices, sizes):  # one integer per (value, list indices), in mixed radix
             if radix * size >= 2**62:  # too many combinations to number: render each instance
                 return pc.dictionary_encode(pc.binary_join_element_wise(self.path.render(indices, len(values)), values, "="))
             key, radix = key * size + ix, radix * size
@@ -221,8 +220,7 @@ class _Strings(_Node):
         else:
             unique, inverse = np.unique(key, return_inverse=True)
         digits, rest = [], unique
-        for ix in reversed(indices):
-            size = int(ix.max(initial=0)) + 1
+        for size in reversed(sizes):
             digits.append(rest % size)
             rest = rest // size
         paths = self.path.render(digits[::-1], len(unique))
@@ -479,7 +477,7 @@ class _Builder:
         if isinstance(known, dict):
             # keys DuckDB cannot take as fields are left out: their runs fail the check
             known = _without_colliding_keys(known)
-        if not known:
+        if not isinstance(known, dict) or not known:
             cache.structures[column] = self._structure(texts)
             return self._objects_with(texts, cache.structures[column], _Path(), False)
         fast = self._objects_with(texts, known, _Path(), False, raw=True)
