@@ -73,7 +73,7 @@ import pyarrow.parquet as pq
 from . import __version__
 from .embed import DIM, JOINT_TYPE
 from .errors import BadInput, MetabatchError
-from .pipes import DONE, consume, pump
+from .pipes import DONE, consume, discard, pump
 from .stores import open_store
 from .stores.base import EmbeddingFilter, RunSelection
 from .urls import DatabaseURL, parse_url
@@ -768,12 +768,12 @@ def _stop_threads(stop: threading.Event, readers, workers, sources, queues) -> N
     for thread in readers:
         while thread.is_alive():
             for q in queues:
-                _empty(q)
+                discard(q)
             thread.join(0.05)
     for thread in workers:
         while thread.is_alive():
             for q in queues:
-                _empty(q)
+                discard(q)
                 try:
                     q.put_nowait(DONE)
                 except queue.Full:
@@ -788,12 +788,6 @@ def _stop_threads(stop: threading.Event, readers, workers, sources, queues) -> N
                 pass
 
 
-def _empty(q: queue.Queue) -> None:
-    try:
-        while True:
-            q.get_nowait()
-    except queue.Empty:
-        pass
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
