@@ -376,16 +376,25 @@ def _merge_structures(a, b):
 def text_members(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Per JSON text: its non-null object members, and whether that count is exact.
 
-    In a text with no backslash no quote is escaped, so a quote followed by a
-    colon closes a key, unless it opens a string value that starts with a
-    colon, which can only follow a separator: texts with a backslash or with
-    such a separator-quote-colon are reported as not exact. Null members are
-    keys followed by ``null``. Literal and regex counts over the whole column.
+    Every key ends with a quote followed by a colon (``":``), unless blanks
+    come between them. In a text with no backslash no quote is escaped, so a
+    ``":`` inside a string can only be the start of a string value that
+    begins with a colon: the count may be too high, never too low, and a run
+    whose count is too high just fails the caller's check (and is parsed the
+    slow way). Members whose value is ``null`` are subtracted. Texts with a
+    backslash or a blank before a colon are reported as not exact. Literal
+    scans over the whole column; the (slower) null regex only on texts that
+    hold ``null``.
     """
     series = pl.Series(texts.cast(pa.string()))
-    members = series.str.count_matches('":', literal=True) - series.str.count_matches(r'":\s*null')
-    unclear = series.str.contains("\\", literal=True) | series.str.contains(r'[\s:,\[{]":')
-    return members.fill_null(0).to_numpy().astype(np.int64), ~unclear.fill_null(False).to_numpy()
+    members = series.str.count_matches('":', literal=True).fill_null(0).to_numpy().astype(np.int64)
+    with_null = np.flatnonzero(series.str.contains("null", literal=True).fill_null(False).to_numpy())
+    if len(with_null):
+        members[with_null] -= series.gather(with_null).str.count_matches(r'":\s*null').to_numpy()
+    unclear = series.str.contains("\\", literal=True)
+    for blank_colon in (" :", "\t:", "\n:", "\r:"):  # JSON's blanks
+        unclear = unclear | series.str.contains(blank_colon, literal=True)
+    return members, ~unclear.fill_null(False).to_numpy()
 
 
 @dataclass
