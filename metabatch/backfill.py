@@ -19,7 +19,7 @@ from typing import Callable
 
 import duckdb
 
-from .embed import DEFAULT_MODEL_ID, EmbeddedBatch, Scratch, Weights, embed_batch, prepare_runs
+from .embed import DEFAULT_MODEL_ID, EmbeddedBatch, Weights, embed_batch, prepare_runs
 from .pipes import DONE, consume, discard, pump
 from .read import read_runs
 from .stores import open_store
@@ -93,7 +93,6 @@ def backfill(
         raise
     con = duckdb.connect()
     shapes = ShapeCache()
-    scratch = Scratch()
     stop = threading.Event()
     read_queue: queue.Queue = queue.Queue(maxsize=1)
     write_queue: queue.Queue = queue.Queue(maxsize=1)
@@ -165,7 +164,7 @@ def backfill(
                     on_progress(done, total)
 
         for item in consume(read_queue):
-            batch: EmbeddedBatch = embed_batch(item, weights, model_id, con, shapes, scratch)
+            batch: EmbeddedBatch = embed_batch(item, weights, model_id, con, shapes)
             for stage, seconds in batch.seconds.items():
                 summary.stage_seconds[stage] += seconds
             summary.runs_read += item.runs.num_rows

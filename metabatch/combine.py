@@ -1,4 +1,4 @@
-"""Combine: branch matrices -> joint vectors, as float32 matrix arithmetic.
+"""Combine: branch features -> joint vectors, as float32 array arithmetic.
 
 Takes the config, env and outcome ``Branch`` of a batch and the three weights;
 returns the joint vectors, the source tag of each run, which runs were skipped
@@ -33,43 +33,42 @@ class Combined:
 def combine(branches: dict[str, Branch], weights: dict[str, float]) -> Combined:
     """Weighted average of the branches taken, in the spec's float32 order.
 
-    An absent branch's row is all +0.0, and adding +0.0 to a sum that starts
-    at +0.0 changes nothing, so every branch with weight > 0 is added to every
-    row (no masking); only the denominator depends on which branches a run has.
-    The branch matrices are consumed (scaled in place).
+    The sum starts at +0.0 and a missing feature adds +0.0, which changes
+    nothing (a float32 sum that starts at +0.0 is never -0.0), so each branch
+    adds only the features it has: ``acc[i] += w * x`` per feature, branch
+    after branch, is the spec's ``acc = acc + w * v[i]``. Only the denominator
+    depends on which branches a run has.
     """
     n = len(next(iter(branches.values())).present)
-    acc = None
+    acc = np.zeros((n, DIM), np.float32)
+    flat = acc.reshape(-1)
     denominator = np.zeros(n, np.float32)
     taken_mask = np.zeros(n, np.int64)  # bit i set: branch i taken
-    taken = {}
+    beyond_range = {}  # branch name -> per run: a weighted feature is not finite
+    width = 0  # columns past it are all +0.0
     with np.errstate(over="ignore", invalid="ignore"):
         for i, name in enumerate(BRANCH_NAMES):
             w = np.float32(weights[name])
             if not w > 0:
                 continue
             branch = branches[name]
-            taken[name] = branch
-            if w != 1:  # x * 1 is x, bit for bit
-                np.multiply(branch.matrix, w, out=branch.matrix)  # float32 * float32
-            if acc is None:
-                # the sum starts at +0.0, and 0.0 + x turns a -0.0 into +0.0
-                acc = np.add(branch.matrix, np.float32(0), dtype=np.float32)
-            else:
-                np.add(acc, branch.matrix, out=acc)
+            bad = np.zeros(n, bool)
+            for where, values in branch.parts:
+                if w != 1:  # x * 1 is x, bit for bit
+                    values = values * w  # float32 * float32
+                flat[where] += values  # positions are unique within a branch
+                bad[where[~np.isfinite(values)] // DIM] = True
+            beyond_range[name] = bad
+            width = max(width, branch.width)
             denominator = np.where(branch.present, denominator + w, denominator)
             taken_mask |= branch.present.astype(np.int64) << i
-        if acc is None:  # no weight > 0
-            acc = np.zeros((n, DIM), np.float32)
         skipped = taken_mask == 0
-        np.divide(acc, np.where(skipped, np.float32(1), denominator)[:, None], out=acc)
-    # a row of finite float32 values cannot overflow a float64 sum, and an inf or
-    # nan in the row makes it non-finite: one pass, no (n, DIM) mask
-    with np.errstate(invalid="ignore"):  # inf + -inf
-        nonfinite = ~skipped & ~np.isfinite(acc.sum(axis=1, dtype=np.float64))
+        used = acc[:, :width]
+        np.divide(used, np.where(skipped, np.float32(1), denominator)[:, None], out=used)
+    nonfinite = ~skipped & ~np.isfinite(used).all(axis=1)
     reasons = np.full(n, "", dtype=object)
     for row in np.flatnonzero(nonfinite):  # only the (rare) rejected runs
-        culprits = [name for name, b in taken.items() if b.present[row] and not np.isfinite(b.matrix[row]).all()]
+        culprits = [name for name, bad in beyond_range.items() if bad[row]]
         if culprits:
             reasons[row] = (
                 f"a number in the {' and '.join(culprits)} branch is beyond the float32 range; "

@@ -39,21 +39,6 @@ class EmbeddedBatch:
     seconds: dict[str, float] = field(default_factory=dict)  # per stage: unnest, encode, combine
 
 
-class Scratch:
-    """Matrices a job reuses from batch to batch (one per branch): reused memory
-    is already mapped, fresh memory costs a page fault and a zeroing per page.
-    Nothing in it outlives the batch that fills it."""
-
-    def __init__(self):
-        self._arrays: dict[str, np.ndarray] = {}
-
-    def matrix(self, name: str, n: int) -> np.ndarray:
-        array = self._arrays.get(name)
-        if array is None or len(array) < n:
-            array = self._arrays[name] = np.empty((n, DIM), np.float32)
-        return array[:n]
-
-
 def _top_level_objects(con, texts: pa.Array, column: str):
     """Split a JSON text column by the spec's top-level rule.
 
@@ -123,16 +108,13 @@ def embed_batch(
     model_id: str = DEFAULT_MODEL_ID,
     con: duckdb.DuckDBPyConnection | None = None,
     cache: ShapeCache | None = None,
-    scratch: Scratch | None = None,
 ) -> EmbeddedBatch:
     """Encode a batch of runs into joint embedding rows (see the module docstring).
 
     ``cache``: pass one ``ShapeCache`` to every batch of a job so that later
-    batches reuse the JSON structure learnt from earlier ones; ``scratch``:
-    likewise one ``Scratch``, so that they reuse its matrices. ``runs`` may
+    batches reuse the JSON structure learnt from earlier ones. ``runs`` may
     come from ``prepare_runs``.
     """
-    scratch = scratch or Scratch()
     con = con or duckdb.connect()
     seconds = {}
     t0 = time.perf_counter()
@@ -144,14 +126,12 @@ def embed_batch(
     out = prepared.outcome
     t1 = time.perf_counter()
     branches = {
-        "config": to_branch(cfg.leaves["config"], cfg.counts["config"], n, scratch.matrix("config", n)),
-        "env": to_branch(cfg.leaves["env"], cfg.counts["env"], n, scratch.matrix("env", n)),
-        "outcome": to_branch(out.leaves["outcome"], out.counts["outcome"], n, scratch.matrix("outcome", n)),
+        "config": to_branch(cfg.leaves["config"], cfg.counts["config"]),
+        "env": to_branch(cfg.leaves["env"], cfg.counts["env"]),
+        "outcome": to_branch(out.leaves["outcome"], out.counts["outcome"]),
     }
     t2 = time.perf_counter()
     weight_of = {"config": weights.config, "env": weights.env, "outcome": weights.outcome}
-    # the sum is new memory (not scratch): it becomes the batch's vectors, which the
-    # writer still holds while the next batch is encoded
     joint = combine(branches, weight_of)
     t3 = time.perf_counter()
 

@@ -1,7 +1,8 @@
-"""Encode: positioned leaves -> branch matrices (n x 384 float32).
+"""Encode: positioned leaves -> branch features (sparse, float32).
 
-Takes the ``Unnested`` leaves of a batch and returns, per branch, the padded
-and truncated feature matrix and whether the branch is present for each run.
+Takes the ``Unnested`` leaves of a batch and returns, per branch, its
+features (truncated to 384 per run; the padding is implicit: +0.0) and whether
+the branch is present for each run.
 Strings are hashed with the spec's SHA-1 rule, once per distinct token.
 """
 
@@ -22,10 +23,13 @@ _M = np.uint64(2**63 - 1)
 
 @dataclass
 class Branch:
-    """One branch of a batch: its matrix and, per run, whether it is present."""
+    """One branch of a batch, sparse: the features each run has, as parts of
+    (flat position ``row * DIM + position``, float32 value), and per run
+    whether the branch is present. A (row, position) occurs at most once."""
 
-    matrix: np.ndarray  # (n, DIM) float32
+    parts: list[tuple[np.ndarray, np.ndarray]]  # (int64 flat positions, float32 values)
     present: np.ndarray  # (n,) bool
+    width: int  # 1 + the highest position of any feature (0 when none)
 
 
 def hash_tokens(tokens: pa.Array) -> np.ndarray:
@@ -42,23 +46,21 @@ def hash_tokens(tokens: pa.Array) -> np.ndarray:
     return h[np.asarray(encoded.indices.to_numpy(zero_copy_only=False), np.int64)]
 
 
-def to_branch(leaves: BranchLeaves, counts: np.ndarray, n: int, out: np.ndarray | None = None) -> Branch:
-    """Scatter the leaves of one branch into its (n, DIM) float32 matrix.
+def to_branch(leaves: BranchLeaves, counts: np.ndarray) -> Branch:
+    """The leaves of one branch as its sparse features (numbers rounded to
+    float32, strings hashed); ``counts``: the features per run (0: absent).
 
-    ``out``: an (n, DIM) float32 array to fill instead of a new one (a job
-    reuses its matrices from batch to batch: fresh memory costs the kernel a
-    page fault and a zeroing, which showed as a tenth of the encoder's time).
+    Sparse, because a run has tens of features out of 384: a dense (n, 384)
+    matrix per branch cost more to clear and add up than the features did.
     """
-    if out is None:
-        matrix = np.zeros((n, DIM), np.float32)
-    else:
-        matrix = out
-        matrix.fill(0)
-    flat = matrix.reshape(-1)
+    parts = []
+    width = 0
     with np.errstate(over="ignore"):
         for rows, positions, values in zip(leaves.rows, leaves.positions, leaves.values):
             # numbers are doubles here; the spec rounds each to float32
-            flat[rows * DIM + positions] = values.astype(np.float32)
+            parts.append((rows * DIM + positions, values.astype(np.float32)))
+            width = max(width, int(positions.max()) + 1)
         for rows, positions, tokens in zip(leaves.string_rows, leaves.string_positions, leaves.string_tokens):
-            flat[rows * DIM + positions] = hash_tokens(tokens).astype(np.float32)
-    return Branch(matrix, counts > 0)
+            parts.append((rows * DIM + positions, hash_tokens(tokens).astype(np.float32)))
+            width = max(width, int(positions.max()) + 1)
+    return Branch(parts, counts > 0, width)
