@@ -37,6 +37,15 @@ def first_batch_rows(batch_rows: int) -> int:
     return max(1, batch_rows // 5)
 
 
+def _one_thread_duckdb() -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection that runs each query on the calling thread: the job's
+    own threads and the database server already keep both cores busy, and more
+    threads only add switching."""
+    con = duckdb.connect()
+    con.execute("SET threads = 1")
+    return con
+
+
 @dataclass
 class BackfillSummary:
     runs_read: int = 0
@@ -91,7 +100,7 @@ def backfill(
     except BaseException:
         reader_store.close()
         raise
-    con = duckdb.connect()
+    con = _one_thread_duckdb()
     shapes = ShapeCache()
     stop = threading.Event()
     read_queue: queue.Queue = queue.Queue(maxsize=1)
@@ -109,7 +118,7 @@ def backfill(
             on_progress(0, total)
         def read_and_prepare():
             # the reader thread also does part of each batch's work (prepare_runs)
-            prepare_con = duckdb.connect()
+            prepare_con = _one_thread_duckdb()
             try:
                 batches = iter(read_runs(reader_store, selection, batch_rows, first_batch_rows(batch_rows)))
                 while True:

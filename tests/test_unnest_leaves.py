@@ -1,0 +1,43 @@
+"""Raw JSON leaves (as DuckDB prints them) into numbers: the one-cast path
+must take only columns where every value is a JSON number."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pytest
+
+from metabatch.unnest import _all_numbers, _json_strings
+
+
+@pytest.mark.parametrize(
+    "texts, expected",
+    [
+        (["1", "2.5", None, "-0.0", "1e400", "123456789012345678901234567890"], [1.0, 2.5, None, -0.0, math.inf, 1.2345678901234568e29]),
+        ([None, "-7"], [None, -7.0]),
+        (["1", '"2"'], None),  # a string that looks like a number stays a string
+        (["1", "true"], None),
+        (["1", "null"], None),
+        (["1", "[1]"], None),
+        (["1", "nan"], None),  # Arrow would read it as NaN; JSON has no such number
+        (['"1"', "2"], None),
+        ([None, None], None),
+    ],
+)
+def test_all_numbers_takes_only_json_numbers(texts, expected):
+    got = _all_numbers(pa.array(texts, pa.string()))
+    if expected is None:
+        assert got is None
+    else:
+        values = got.to_pylist()
+        assert values == expected
+        assert [math.copysign(1, v) if v is not None else None for v in values] == [
+            math.copysign(1, v) if v is not None else None for v in expected
+        ]
+
+
+def test_json_strings_decode_escapes_only_where_there_are_some():
+    literals = pa.array(['"plain"', None, '"a\\"b"', '"é\\u00e9"', '""'], pa.string())
+    assert _json_strings(literals).to_pylist() == ["plain", None, 'a"b', "éé", ""]
+    assert _json_strings(pa.array(['"x"', '"y"'])).to_pylist() == ["x", "y"]
