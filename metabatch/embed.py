@@ -48,7 +48,7 @@ def _top_level_objects(con, texts: pa.Array, column: str):
     """
     texts = pc.cast(texts, pa.string())
     is_object = pc.fill_null(pc.starts_with(texts, "{"), False)
-    objects = pc.if_else(is_object, texts, pa.scalar(None, pa.string()))
+    objects = _null_where_not(texts, is_object)
     reasons = np.full(len(texts), None, dtype=object)
     others = np.flatnonzero(~np.asarray(is_object.to_numpy(zero_copy_only=False), bool) & np.asarray(texts.is_valid().to_numpy(zero_copy_only=False), bool))
     if len(others):
@@ -72,6 +72,14 @@ def _top_level_objects(con, texts: pa.Array, column: str):
             if truthy:
                 reasons[i] = f"{column} is {names.get(kind, 'a number')}, not a JSON object"
     return objects, reasons
+
+
+def _null_where_not(texts: pa.Array, keep: pa.BooleanArray) -> pa.Array:
+    """``texts`` with null where ``keep`` is false (``keep`` has no nulls): the
+    same text buffers under a new validity bitmap, not a copy of every text."""
+    if texts.offset or keep.offset or keep.null_count:
+        return pc.if_else(keep, texts, pa.scalar(None, texts.type))
+    return pa.Array.from_buffers(texts.type, len(texts), [keep.buffers()[1], *texts.buffers()[1:]])
 
 
 @dataclass
