@@ -51,6 +51,16 @@ def _plain(batch: pa.RecordBatch) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
 
+# Rows per record batch handed to COPY: ADBC builds each record batch's COPY
+# data in one buffer before sending it, so a whole batch (25k rows, 45 MB)
+# meant 45 MB of new memory per write, and the server waited for all of it.
+_COPY_CHUNK_ROWS = 2048
+
+
+def _in_chunks(table: pa.Table) -> pa.Table:
+    return pa.Table.from_batches(table.to_batches(max_chunksize=_COPY_CHUNK_ROWS), schema=table.schema)
+
+
 class PostgresStore:
     def __init__(self, url: DatabaseURL):
         self.url = url
@@ -212,7 +222,7 @@ class PostgresStore:
                     table = rows.drop_columns(["run_id"])
                     index = table.schema.get_field_index("entity_scope")
                     table = table.set_column(index, "entity_scope", json_array(table.column(index).combine_chunks()))
-                    cur.adbc_ingest("joint_embeddings", table, mode="append")
+                    cur.adbc_ingest("joint_embeddings", _in_chunks(table), mode="append")
             self.conn.commit()
         except BaseException:
             self.conn.rollback()
