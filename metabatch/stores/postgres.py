@@ -115,7 +115,7 @@ class PostgresStore:
         runs = runs.set_column(runs.schema.get_field_index("config_json"), "config_json", json_array(runs.column("config_json").combine_chunks()))
         runs = runs.set_column(runs.schema.get_field_index("metrics_json"), "metrics_json", json_array(runs.column("metrics_json").combine_chunks()))
         with self.conn.cursor() as cur:
-            cur.adbc_ingest("metabatch_seed_stage", runs, mode="replace", temporary=True)
+            cur.adbc_ingest("metabatch_seed_stage", _in_chunks(runs), mode="replace", temporary=True)
             columns = ", ".join(runs.column_names)
             cur.execute(
                 f"INSERT INTO backtest_runs ({columns}) SELECT {columns} FROM metabatch_seed_stage"
@@ -204,7 +204,7 @@ class PostgresStore:
                             "vector": old.column("vector"),
                         }
                     )
-                    cur.adbc_ingest("metabatch_upsert_stage", stage, mode="replace", temporary=True)
+                    cur.adbc_ingest("metabatch_upsert_stage", _in_chunks(stage), mode="replace", temporary=True)
                     cur.execute(
                         "UPDATE joint_embeddings j SET as_of_date = s.as_of_date, entity_scope = s.entity_scope,"
                         " vector = s.vector, vector_ref = NULL, created_at = now()"
