@@ -382,12 +382,12 @@ def text_members(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     begins with a colon: the count may be too high, never too low, and a run
     whose count is too high just fails the caller's check (and is parsed the
     slow way). Members whose value is ``null`` are subtracted. Texts with a
-    backslash or a blank before a colon are reported as not exact. Literal
-    scans over the whole column; the (slower) null regex only on texts that
-    hold ``null``.
+    backslash or a blank before a colon are reported as not exact. Scans
+    over the whole column; the (slower) null regex only on texts that hold
+    ``null``.
     """
     series = pl.Series(texts.cast(pa.string()))
-    # (as a regex: it finds this literal faster than the literal search does)
+    # given as a regex: polars finds this literal faster that way than as a literal
     members = series.str.count_matches('":').fill_null(0).to_numpy().astype(np.int64)
     with_null = np.flatnonzero(series.str.contains("null", literal=True).fill_null(False).to_numpy())
     if len(with_null):
