@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import duckdb
+import numpy as np
 
 from .embed import DEFAULT_MODEL_ID, EmbeddedBatch, Weights, embed_batch, prepare_runs
+from .encode import DIM
 from .pipes import DONE, consume, discard, pump
 from .read import read_runs
 from .stores import open_store
@@ -44,6 +46,26 @@ def _one_thread_duckdb() -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     con.execute("SET threads = 1")
     return con
+
+
+class _VectorBuffers:
+    """Matrices of (batch_rows, DIM) float32 for the batches' vectors, each
+    reused once the batch that filled it is written (at most three are in use:
+    one being filled, one queued, one being written). New memory costs a page
+    fault and a zeroing per page, which was most of combine's time."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+
+    def take(self) -> np.ndarray:
+        try:
+            return self.free.get_nowait()
+        except queue.Empty:
+            return np.empty((self.rows, DIM), np.float32)
+
+    def give_back(self, buffer: np.ndarray) -> None:
+        self.free.put(buffer)
 
 
 @dataclass
@@ -102,6 +124,7 @@ def backfill(
         raise
     con = _one_thread_duckdb()
     shapes = ShapeCache()
+    buffers = _VectorBuffers(batch_rows)
     stop = threading.Event()
     read_queue: queue.Queue = queue.Queue(maxsize=1)
     write_queue: queue.Queue = queue.Queue(maxsize=1)
@@ -141,12 +164,14 @@ def backfill(
                 item = write_queue.get()
                 if item is DONE:
                     return
+                item, buffer = item
                 t0 = time.perf_counter()
                 try:
                     written = write_batch(writer_store, item, model_id)
                 except BaseException as exc:
                     write_results.put(exc)
                     return
+                buffers.give_back(buffer)  # its rows are written: it may be filled again
                 summary.stage_seconds["write"] += time.perf_counter() - t0
                 write_results.put((written, item.rows.num_rows + item.skipped + len(item.rejected)))
 
@@ -173,7 +198,8 @@ def backfill(
                     on_progress(done, total)
 
         for item in consume(read_queue):
-            batch: EmbeddedBatch = embed_batch(item, weights, model_id, con, shapes)
+            buffer = buffers.take()
+            batch: EmbeddedBatch = embed_batch(item, weights, model_id, con, shapes, buffer)
             for stage, seconds in batch.seconds.items():
                 summary.stage_seconds[stage] += seconds
             summary.runs_read += item.runs.num_rows
@@ -181,7 +207,7 @@ def backfill(
             summary.rejected.extend(batch.rejected)
             summary.batches += 1
             collect(block=False)
-            write_queue.put(batch)
+            write_queue.put((batch, buffer))
             pending_writes += 1
         write_queue.put(DONE)
         collect(block=True)

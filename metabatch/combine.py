@@ -30,17 +30,22 @@ class Combined:
     reasons: np.ndarray  # (n,) object: why a non-finite run is rejected
 
 
-def combine(branches: dict[str, Branch], weights: dict[str, float]) -> Combined:
+def combine(branches: dict[str, Branch], weights: dict[str, float], out: np.ndarray | None = None) -> Combined:
     """Weighted average of the branches taken, in the spec's float32 order.
 
     The sum starts at +0.0 and a missing feature adds +0.0, which changes
     nothing (a float32 sum that starts at +0.0 is never -0.0), so each branch
     adds only the features it has: ``acc[i] += w * x`` per feature, branch
     after branch, is the spec's ``acc = acc + w * v[i]``. Only the denominator
-    depends on which branches a run has.
+    depends on which branches a run has. ``out``: an (n, DIM) float32 array
+    to hold the vectors, instead of new memory.
     """
     n = len(next(iter(branches.values())).present)
-    acc = np.zeros((n, DIM), np.float32)
+    if out is None:
+        acc = np.zeros((n, DIM), np.float32)
+    else:
+        acc = out
+        acc.fill(0)
     flat = acc.reshape(-1)
     denominator = np.zeros(n, np.float32)
     taken_mask = np.zeros(n, np.int64)  # bit i set: branch i taken

@@ -116,12 +116,15 @@ def embed_batch(
     model_id: str = DEFAULT_MODEL_ID,
     con: duckdb.DuckDBPyConnection | None = None,
     cache: ShapeCache | None = None,
+    vectors_out: np.ndarray | None = None,
 ) -> EmbeddedBatch:
     """Encode a batch of runs into joint embedding rows (see the module docstring).
 
     ``cache``: pass one ``ShapeCache`` to every batch of a job so that later
     batches reuse the JSON structure learnt from earlier ones. ``runs`` may
-    come from ``prepare_runs``.
+    come from ``prepare_runs``. ``vectors_out``: a float32 array of at least
+    (runs, DIM) for the vectors; the batch's rows may refer to it, so it must
+    not be reused before they are written.
     """
     con = con or duckdb.connect()
     seconds = {}
@@ -140,7 +143,7 @@ def embed_batch(
     }
     t2 = time.perf_counter()
     weight_of = {"config": weights.config, "env": weights.env, "outcome": weights.outcome}
-    joint = combine(branches, weight_of)
+    joint = combine(branches, weight_of, None if vectors_out is None else vectors_out[:n])
     t3 = time.perf_counter()
 
     run_ids = runs.column("run_id").combine_chunks()
