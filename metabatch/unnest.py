@@ -734,11 +734,8 @@ def _positions_of(data: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
 def _too_deep(texts: pa.Array) -> bool:
     """max_depth(texts) > MAX_TYPED_DEPTH, with a cheap bound first: a text
     cannot nest deeper than its count of opening brackets."""
-    data, starts = _column_bytes(texts)
-    if not len(data):
-        return False
-    opens = _positions_of(data, (ord("{"), ord("[")))
-    if np.diff(np.searchsorted(opens, starts)).max() <= MAX_TYPED_DEPTH:
+    opening = pl.Series(texts.cast(pa.string())).str.count_matches(r"[\[{]").max()
+    if opening is None or opening <= MAX_TYPED_DEPTH:
         return False
     return max_depth(texts) > MAX_TYPED_DEPTH
 
