@@ -680,15 +680,9 @@ def max_depth(texts: pa.Array) -> int:
     whole column at once (every text is a whole JSON value, so the running
     depth is back to 0 at the end of each text).
     """
-    texts = texts.cast(pa.string())
-    n = len(texts)
-    if n == 0 or texts.null_count == n:
+    data, _ = _column_bytes(texts)
+    if not len(data):
         return 0
-    offsets = np.frombuffer(texts.buffers()[1], np.int32)[texts.offset : texts.offset + n + 1]
-    data_buffer = texts.buffers()[2]
-    if data_buffer is None or offsets[-1] == offsets[0]:
-        return 0
-    data = np.frombuffer(data_buffer, np.uint8)[offsets[0] : offsets[-1]]
     opens = (data == ord("{")) | (data == ord("["))
     quotes = np.flatnonzero(data == ord('"'))
     backslash = data == ord("\\")
@@ -757,17 +751,11 @@ _NUMBER_START[[ord(c) for c in "-0123456789"]] = True
 
 def _first_bytes(texts: pa.Array) -> np.ndarray:
     """The first byte of each text (DuckDB prints JSON with no leading blank), 0 where null or empty."""
-    texts = texts.cast(pa.string())
-    n = len(texts)
-    offsets = np.frombuffer(texts.buffers()[1], np.int32)[texts.offset : texts.offset + n + 1]
-    data_buffer = texts.buffers()[2]
-    data = np.frombuffer(data_buffer, np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
-    if not len(data):  # all texts null or empty
-        data = np.zeros(1, np.uint8)
-    starts, ends = offsets[:-1], offsets[1:]
-    first = np.where(ends > starts, data[np.minimum(starts, max(len(data) - 1, 0))], 0).astype(np.uint8)
-    if texts.null_count:
-        first[~np.asarray(texts.is_valid().to_numpy(zero_copy_only=False), bool)] = 0
+    data, starts = _column_bytes(texts)
+    begin, end = starts[:-1], starts[1:]
+    first = np.zeros(len(begin), np.uint8)
+    holds = (end > begin) & _valid(texts)
+    first[holds] = data[begin[holds]]
     return first
 
 
@@ -790,7 +778,9 @@ def _json_strings(literals: pa.Array) -> pa.Array:
 
 def _column_bytes(texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """The bytes of a string column's texts, back to back, and where each text
-    starts in them (n + 1 int64 offsets, the last one the end; a null is empty)."""
+    starts in them (n + 1 int64 offsets, the last one the end). A null's span
+    is usually empty, but Arrow does not promise it: a caller must not read a
+    null's bytes as its text."""
     texts = texts.cast(pa.string())
     n = len(texts)
     buffer = texts.buffers()[2]

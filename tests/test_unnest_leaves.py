@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
-from metabatch.unnest import _all_numbers, _json_strings
+from metabatch.unnest import _all_numbers, _first_bytes, _json_strings
 
 
 @pytest.mark.parametrize(
@@ -41,3 +42,13 @@ def test_json_strings_decode_escapes_only_where_there_are_some():
     literals = pa.array(['"plain"', None, '"a\\"b"', '"é\\u00e9"', '""'], pa.string())
     assert _json_strings(literals).to_pylist() == ["plain", None, 'a"b', "éé", ""]
     assert _json_strings(pa.array(['"x"', '"y"'])).to_pylist() == ["x", "y"]
+
+
+def test_a_null_whose_span_holds_bytes_stays_null():
+    """Arrow lets a null slot span bytes; the byte scans must not read them."""
+    data = b'"x\\"y""q\\\\"'  # the literals "x\"y" and "q\\"; the second slot is null
+    literals = pa.Array.from_buffers(
+        pa.string(), 2, [pa.py_buffer(bytes([0b01])), pa.py_buffer(np.array([0, 6, 11], np.int32)), pa.py_buffer(data)]
+    )
+    assert _json_strings(literals).to_pylist() == ['x"y', None]
+    assert _first_bytes(literals).tolist() == [ord('"'), 0]
