@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from .combine import combine
 from .encode import DIM, to_branch
-from .unnest import ShapeCache, TextFacts, Unnested, text_facts, unnest_config, unnest_metrics
+from .unnest import RootParse, ShapeCache, TextFacts, Unnested, parse_config, text_facts, unnest_config, unnest_metrics
 
 JOINT_TYPE = "META_CONFIG_ENV_V0"
 DEFAULT_MODEL_ID = "joint-meta-config-env-v1"
@@ -86,14 +86,16 @@ def _null_where_not(texts: pa.Array, keep: pa.BooleanArray) -> pa.Array:
 class PreparedRuns:
     """A batch of runs with part of the work done: the JSON split by the spec's
     top-level rule (see ``_top_level_objects``), the ``TextFacts`` of the config
-    objects and the outcome leaves (the metrics, a small parse). ``prepare_runs``
-    makes it; a job's reader thread calls it, beside the encoding of the
-    previous batch."""
+    objects, their first DuckDB parse with the structure cached so far
+    (``parse_config``, None on a job's first batch) and the outcome leaves (the
+    metrics, a small parse). ``prepare_runs`` makes it; a job's reader thread
+    calls it, beside the encoding of the previous batch."""
 
     runs: pa.Table
     config: pa.Array
     config_bad: np.ndarray
     config_facts: TextFacts
+    config_parsed: RootParse | None
     metrics_bad: np.ndarray
     outcome: Unnested
 
@@ -102,12 +104,14 @@ def prepare_runs(
     runs: pa.Table, con: duckdb.DuckDBPyConnection | None = None, cache: ShapeCache | None = None
 ) -> PreparedRuns:
     """See ``PreparedRuns``. ``con``: a DuckDB connection this thread may use;
-    ``cache``: the job's ``ShapeCache`` (this uses its metrics part only)."""
+    ``cache``: the job's ``ShapeCache`` (its metrics part is updated here; its
+    config part only read, for the configs' first parse)."""
     con = con or duckdb.connect()
     config, config_bad = _top_level_objects(con, runs.column("config_json").combine_chunks(), "config_json")
     metrics, metrics_bad = _top_level_objects(con, runs.column("metrics_json").combine_chunks(), "metrics_json")
     outcome = unnest_metrics(con, metrics, DIM, cache, text_facts(metrics))
-    return PreparedRuns(runs, config, config_bad, text_facts(config), metrics_bad, outcome)
+    parsed = parse_config(con, config, cache) if cache is not None else None
+    return PreparedRuns(runs, config, config_bad, text_facts(config), parsed, metrics_bad, outcome)
 
 
 def embed_batch(
@@ -133,7 +137,7 @@ def embed_batch(
     runs = prepared.runs
     n = runs.num_rows
     config_bad, metrics_bad = prepared.config_bad, prepared.metrics_bad
-    cfg = unnest_config(con, prepared.config, DIM, cache, prepared.config_facts)
+    cfg = unnest_config(con, prepared.config, DIM, cache, prepared.config_facts, prepared.config_parsed)
     out = prepared.outcome
     t1 = time.perf_counter()
     branches = {

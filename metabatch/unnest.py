@@ -345,10 +345,21 @@ _SAMPLE_ROWS = 2_000
 
 
 @dataclass
+class RootParse:
+    """Root texts parsed with a cached structure (``_Builder.parse_root``)."""
+
+    structure: dict  # the structure used, without keys that collide
+    shape: dict  # what DuckDB parsed into
+    typed: pa.Array  # DuckDB's output: a struct per text
+
+
+@dataclass
 class ShapeCache:
     """The merged JSON structures seen so far in a job, per column (across batches).
-    Two threads may share one if each works on its own column (a backfill's
-    reader thread unnests the metrics, its main thread the configs)."""
+    A backfill's reader thread unnests the metrics and parses the configs with
+    the config structure it finds here, while its main thread updates that
+    structure: a structure is replaced, never changed in place, and whichever
+    one a parse used is only a guess that every run is checked against."""
 
     structures: dict = field(default_factory=dict)
 
@@ -459,14 +470,30 @@ class _Builder:
         shape = self._shape(structure, top=True, raw=raw)
         if not shape:
             return _Empty(n, _valid(texts))
-        typed = self._query(
-            "SELECT json_transform(j, $1::VARCHAR) FROM mb_input",
-            texts,
-            [json.dumps(shape, ensure_ascii=False)],
-        )
-        return self._struct(typed, shape, path, env)
+        return self._struct(self._transform(texts, shape), shape, path, env)
 
-    def root_objects(self, texts: pa.Array, cache: "ShapeCache", facts: TextFacts | None = None) -> _Node:
+    def _transform(self, texts: pa.Array, shape) -> pa.Array:
+        """DuckDB's parse of the texts into ``shape`` (a struct, list or type)."""
+        return self._query("SELECT json_transform(j, $1::VARCHAR) FROM mb_input", texts, [json.dumps(shape, ensure_ascii=False)])
+
+    def parse_root(self, texts: pa.Array, cache: "ShapeCache") -> "RootParse | None":
+        """The root texts parsed with the structure cached so far, scalars as raw
+        JSON (``root_objects``' fast parse), or None before there is one. A
+        reader thread calls it for the next batch while this one is encoded:
+        whatever structure it found, ``root_objects`` checks every run."""
+        known = cache.structures.get("config" if self.descend else "metrics")
+        if not isinstance(known, dict):
+            return None
+        # keys DuckDB cannot take as fields are left out: their runs fail the check
+        known = _without_colliding_keys(known)
+        shape = self._shape(known, top=True, raw=True) if known else None
+        if not shape:
+            return None
+        return RootParse(known, shape, self._transform(texts, shape))
+
+    def root_objects(
+        self, texts: pa.Array, cache: "ShapeCache", facts: TextFacts | None = None, parsed: "RootParse | None" = None
+    ) -> _Node:
         """Like ``objects`` for the root, reusing the structure of earlier batches.
 
         Inferring the structure costs DuckDB about three times the parse
@@ -474,21 +501,21 @@ class _Builder:
         scalars parsed as raw JSON (no silent casts), and every run's feature
         count is checked against the scalars counted in its text. Only the
         runs that do not match (new keys or shapes) pay for inference.
-        ``facts``: the texts' ``TextFacts`` when already known.
+        ``facts``: the texts' ``TextFacts`` when already known; ``parsed``: the
+        texts' ``parse_root`` when already done.
         """
         n = len(texts)
         column = "config" if self.descend else "metrics"
-        known = cache.structures.get(column)
-        if known is None and n > _SAMPLE_ROWS:
-            # first batch: learn from a sample, the check below catches the rest
-            known = cache.structures[column] = self._structure(texts.slice(0, _SAMPLE_ROWS))
-        if isinstance(known, dict):
-            # keys DuckDB cannot take as fields are left out: their runs fail the check
-            known = _without_colliding_keys(known)
-        if not isinstance(known, dict) or not known:
+        if parsed is None:
+            if cache.structures.get(column) is None and n > _SAMPLE_ROWS:
+                # first batch: learn from a sample, the check below catches the rest
+                cache.structures[column] = self._structure(texts.slice(0, _SAMPLE_ROWS))
+            parsed = self.parse_root(texts, cache)
+        if parsed is None:
             cache.structures[column] = self._structure(texts)
             return self._objects_with(texts, cache.structures[column], _Path(), False)
-        fast = self._objects_with(texts, known, _Path(), False, raw=True)
+        known = parsed.structure
+        fast = self._struct(parsed.typed, parsed.shape, _Path(), False)
         expected, clean = (facts.members, facts.clean) if facts is not None else text_members(texts)
         bad = _valid(texts) & ((fast.members != expected) | ~clean)
         if fast.suspicious is not None:
@@ -502,9 +529,13 @@ class _Builder:
         rows = np.flatnonzero(bad)
         subset = texts.take(pa.array(rows))
         structure = self._structure(subset)
-        merged = _merge_structures(known, structure)
-        # the root structure is only a guess that every run is checked against: keep it an object
-        cache.structures[column] = merged if isinstance(merged, dict) else known
+        # merge into the structure cached now (another batch may have added to it
+        # since this one was parsed); the root structure is only a guess that
+        # every run is checked against: keep it an object
+        current = cache.structures.get(column)
+        base = _without_colliding_keys(current) if isinstance(current, dict) and current else known
+        merged = _merge_structures(base, structure)
+        cache.structures[column] = merged if isinstance(merged, dict) else base
         slow = self._objects_with(subset, structure, _Path(), False)
         return _Mixed(n, [(np.arange(n), _Filtered(fast, ~bad)), (rows, slow)], _valid(texts))
 
@@ -879,12 +910,14 @@ def unnest_config(
     limit: int,
     cache: ShapeCache | None = None,
     facts: TextFacts | None = None,
+    parsed: RootParse | None = None,
 ) -> Unnested:
     """Config and env leaves of a column of JSON objects (null for no object).
 
     Pass the same ``cache`` for every batch of a job: later batches then reuse
     the structure of earlier ones (see ``_Builder.root_objects``). ``facts``:
-    the ``text_facts`` of ``objects``, when already computed.
+    the ``text_facts`` of ``objects``, when already computed; ``parsed``:
+    their ``parse_config`` with the same cache, when already done.
     """
     deep = facts.deep if facts is not None else _too_deep(objects)
     builder = _Builder(con, strings=True, descend=True, shallow=not deep)
@@ -892,8 +925,14 @@ def unnest_config(
         if cache is None:
             root = builder.objects(objects, _Path(), False)
         else:
-            root = builder.root_objects(objects, cache, facts)
+            root = builder.root_objects(objects, cache, facts, parsed)
         return _place(root, len(objects), limit, ("config", "env"), {"config": root.count, "env": root.env_count})
+
+
+def parse_config(con: duckdb.DuckDBPyConnection, objects: pa.Array, cache: ShapeCache) -> RootParse | None:
+    """The DuckDB parse that ``unnest_config`` starts with (see ``_Builder.parse_root``),
+    done ahead, e.g. on a reader thread with its own connection."""
+    return _Builder(con, strings=True, descend=True).parse_root(objects, cache)
 
 
 @contextmanager

@@ -145,3 +145,23 @@ def test_empty_objects_and_colliding_keys_keep_the_cached_structure(monkeypatch)
         assert isinstance(cache.structures["config"], dict) and isinstance(cache.structures["metrics"], dict)
         if start > len(configs):  # after the first batch: only the odd runs are inferred
             assert all(size <= len(odd) for size in inferred), inferred
+
+
+def test_a_batch_parsed_ahead_with_an_older_structure():
+    """A backfill's reader thread parses the next batch with the structure it
+    finds while the previous batch is still being encoded (and may add keys):
+    the vectors stay exact, and no batch's additions to the cache are lost."""
+    from metabatch.embed import prepare_runs
+
+    con, reader_con, cache = duckdb.connect(), duckdb.connect(), ShapeCache()
+    first = _table([{"a": i, "b": "x"} for i in range(3000)], 0)
+    _check(first, embed_batch(prepare_runs(first, reader_con, cache), con=con, cache=cache))
+    second = _table([{"a": 1, "b": "y", "new_b": [1, 2]}, {"a": 2}], 5000)
+    third = _table([{"a": 3, "new_c": {"d": True}}, {"a": 4, "b": "z"}], 6000)
+    ahead = [prepare_runs(second, reader_con, cache), prepare_runs(third, reader_con, cache)]
+    for table, prepared in zip((second, third), ahead):
+        _check(table, embed_batch(prepared, con=con, cache=cache))
+    assert {"a", "b", "new_b", "new_c"} <= set(cache.structures["config"])
+    # with all three keys cached, a later batch takes the fast parse whole
+    fourth = _table([{"a": 5, "new_b": [3], "new_c": {"d": False}}], 7000)
+    _check(fourth, embed_batch(prepare_runs(fourth, reader_con, cache), con=con, cache=cache))
