@@ -14,7 +14,8 @@ then measures, on the same data and in the same run:
 
 With --repeat K, metabatch and the floor are measured K times, alternating,
 and the median of the K ratios is reported (the machine is shared: single
-runs move by +-20%).
+runs move by +-20%). Each timed step starts after a CHECKPOINT and a sync, so
+that it does not pay for the writes of the step before.
 
 Usage:
     python benchmarks/bench_backfill.py --runs 10000 100000 1000000 [--repeat 3]
@@ -87,9 +88,19 @@ def sql(url: str, statement: str):
             return None
 
 
+def settle(url: str) -> None:
+    """Write out what earlier steps left dirty (the server's buffers, the OS page
+    cache), so that a timed step does not pay for the writes of the one before:
+    metabatch and the floor alternate, and each writes some 400 MB."""
+    sql(url, "CHECKPOINT")
+    os.sync()
+    time.sleep(1)
+
+
 def run_metabatch(url: str, batch_size: int) -> dict:
     """One backfill in a fresh process; its summary plus its peak RSS."""
     sql(url, "TRUNCATE joint_embeddings")
+    settle(url)
     code = (
         "import json, resource, sys, time\n"
         "from metabatch.backfill import backfill\n"
@@ -154,11 +165,13 @@ def run_io_floor(url: str) -> dict:
     """Baseline (b): binary COPY out of the input columns + COPY in of the output rows."""
     with tempfile.TemporaryDirectory() as tmp:
         rows_file = Path(tmp) / "out.bin"
+        settle(url)
         copy_out = psql(url, f"\\copy ({SELECT_INPUT}) TO '/dev/null' WITH (FORMAT binary)")
         # the output rows metabatch wrote are the rows to COPY in
         psql(url, f"\\copy (SELECT joint_type, as_of_date, entity_scope, model_id, vector FROM joint_embeddings) TO '{rows_file}' WITH (FORMAT binary)")
         sql(url, "DROP TABLE IF EXISTS floor_embeddings")
         sql(url, "CREATE TABLE floor_embeddings (LIKE joint_embeddings INCLUDING ALL)")
+        settle(url)
         copy_in = psql(url, f"\\copy floor_embeddings (joint_type, as_of_date, entity_scope, model_id, vector) FROM '{rows_file}' WITH (FORMAT binary)")
         sql(url, "DROP TABLE floor_embeddings")
     return {"copy_out_seconds": copy_out, "copy_in_seconds": copy_in, "seconds": copy_out + copy_in}
