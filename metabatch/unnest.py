@@ -690,8 +690,7 @@ class _Builder:
     def _arrays(self, texts: pa.Array, path: _Path, env: bool) -> _Node:
         # elements as raw JSON, sorted out by kind like any raw value: no
         # structure inference over the arrays (objects in them get their own)
-        typed = self._query("""SELECT json_transform(j, '["JSON"]') FROM mb_input""", texts)
-        return self._list(typed, "JSON", path, env)
+        return self._list(self._transform(texts, ["JSON"]), "JSON", path, env)
 
 
 # Nesting that DuckDB's structure inference and typed parse may see. Past 128
