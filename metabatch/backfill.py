@@ -2,11 +2,13 @@
 
 ``backfill(...)`` reads the selected runs from the runtime store, embeds each
 batch (unnest, encode, combine: see ``embed``) and writes it to the historical
-store in its own transaction. Reading, embedding and writing overlap: a reader
-thread fetches the next batch and does part of its work (``prepare_runs``)
-and a writer thread commits the previous one while the main thread encodes
+store in its own transaction. Reading, embedding and writing overlap: the
+runs are fetched on a thread of their own (``read_runs``), a reader thread
+cuts them into batches and does part of each batch's work (``prepare_runs``)
+and a writer thread commits the previous batch while the main thread encodes
 (the database does most of the reading and writing work, so the two cores are
-kept busy). Returns a ``BackfillSummary``.
+kept busy). The last batches are smaller (``last_batch_rows``). Returns a
+``BackfillSummary``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ def first_batch_rows(batch_rows: int) -> int:
     """The first batch is smaller (the next ones double up to ``batch_rows``),
     so that encoding and then writing start sooner."""
     return max(1, batch_rows // 5)
+
+
+def last_batch_rows(batch_rows: int) -> int:
+    """The smallest of the last batches: at the end, the runs left are cut in
+    halves down to this size, so that the last write, which nothing overlaps,
+    is a short one."""
+    return max(1, batch_rows // 10)
 
 
 def _one_thread_duckdb() -> duckdb.DuckDBPyConnection:
@@ -143,7 +152,7 @@ def backfill(
             # the reader thread also does part of each batch's work (prepare_runs)
             prepare_con = _one_thread_duckdb()
             try:
-                batches = iter(read_runs(reader_store, selection, batch_rows, first_batch_rows(batch_rows)))
+                batches = iter(read_runs(reader_store, selection, batch_rows, first_batch_rows(batch_rows), last_batch_rows(batch_rows)))
                 while True:
                     t0 = time.perf_counter()
                     runs = next(batches, None)
