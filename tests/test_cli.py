@@ -57,6 +57,22 @@ def test_unreachable_database_is_one_line_without_password():
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_an_unreachable_historical_database_fails_cleanly_while_runs_are_read(pg_url):
+    # the historical store is opened while the first batch is being read
+    from metabatch.migrate import migrate
+    from metabatch.stores import open_store
+    from metabatch.urls import parse_url
+
+    migrate(parse_url(pg_url))
+    store = open_store(parse_url(pg_url))
+    store.insert_runs(runs_table())
+    store.close()
+    result = invoke("backfill", "--runtime-url", pg_url, "--historical-url", "postgresql://u:s3cret@127.0.0.1:1/x")
+    assert result.exit_code == 1
+    assert "127.0.0.1:1" in result.output and "s3cret" not in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_missing_table_says_to_migrate(pg_url):
     result = invoke("backfill", "--runtime-url", pg_url)
     assert result.exit_code == 1
