@@ -13,6 +13,7 @@ kept busy). The last batches are smaller (``last_batch_rows``). Returns a
 
 from __future__ import annotations
 
+import ctypes
 import queue
 import threading
 import time
@@ -46,6 +47,29 @@ def last_batch_rows(batch_rows: int) -> int:
     halves down to this size, so that the last write, which nothing overlaps,
     is a short one."""
     return max(1, batch_rows // 10)
+
+
+def _big_buffers_back_to_the_os() -> None:
+    """Ask glibc to serve every allocation of 1 MB or more with its own mapping,
+    returned to the OS when freed. By default glibc raises that threshold to
+    the size of the biggest buffer freed so far (up to 32 MB), and then the
+    database driver's multi-MB buffers, made on the fetch thread and freed on
+    another, fragment that thread's arena: at 1M runs peak RSS grew by 150 MB
+    over the job, and with this it stays flat. Process-wide, done once; a no-op
+    where libc has no mallopt."""
+    global _BUFFERS_SET
+    if _BUFFERS_SET:
+        return
+    _BUFFERS_SET = True
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+_BUFFERS_SET = False
 
 
 def _one_thread_duckdb() -> duckdb.DuckDBPyConnection:
@@ -123,6 +147,7 @@ def backfill(
     written (only then are the selected runs counted first).
     """
     historical_url = historical_url or runtime_url
+    _big_buffers_back_to_the_os()
     summary = BackfillSummary()
     started = time.perf_counter()
     reader_store = open_store(runtime_url)
@@ -135,7 +160,7 @@ def backfill(
     write_queue: queue.Queue = queue.Queue(maxsize=1)
     write_results: queue.Queue = queue.Queue()
     reader = writer = None
-    reader_seconds = {"read": 0.0, "unnest": 0.0}  # the reader thread's own (merged at the end)
+    reader_seconds = {"read": 0.0, "unnest": 0.0}  # the fetch and reader threads' own (merged at the end)
     try:
         # the total is for a progress bar only: counting costs a scan of the
         # runs before the first batch (3.7 s of a 50 s job at 1M runs)
@@ -145,17 +170,14 @@ def backfill(
         def read_and_prepare():
             # the reader thread also does part of each batch's work (prepare_runs)
             prepare_con = _one_thread_duckdb()
-            batches = read_runs(reader_store, selection, batch_rows, first_batch_rows(batch_rows), last_batch_rows(batch_rows))
+            batches = read_runs(
+                reader_store, selection, batch_rows, first_batch_rows(batch_rows), last_batch_rows(batch_rows), reader_seconds
+            )
             try:
-                while True:
+                for runs in batches:
                     t0 = time.perf_counter()
-                    runs = next(batches, None)
-                    t1 = time.perf_counter()
-                    reader_seconds["read"] += t1 - t0
-                    if runs is None:
-                        return
                     prepared = prepare_runs(runs, prepare_con, shapes)
-                    reader_seconds["unnest"] += time.perf_counter() - t1
+                    reader_seconds["unnest"] += time.perf_counter() - t0
                     yield prepared
             finally:
                 batches.close()  # stops the fetch thread

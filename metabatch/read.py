@@ -4,28 +4,24 @@ Takes a store and a ``RunSelection``; yields tables of at most ``batch_rows``
 runs (run_id, strategy_id, universe_id, end_date, config_json, metrics_json,
 the JSON as text), streaming, so memory does not grow with the number of runs.
 
-A thread of its own fetches the store's record batches, a bounded number
-ahead, so that the database goes on sending while the caller works on a
-batch. That read-ahead also shows the end of the runs before the last batches
-are cut: the runs left are then cut in halves, down to ``last_rows``, because
-the last batch of a pipeline is encoded and written with nothing to overlap it.
+A thread of its own fetches the store's record batches, up to a batch ahead
+of the one being cut (at most two batches of runs are held), so that the
+database goes on sending while the caller works on a batch. That read-ahead
+also shows the end of the runs before the last batches are cut: the runs left
+are then cut in halves, down to ``last_rows``, because the last batch of a
+pipeline is encoded and written with nothing to overlap it.
 """
 
 from __future__ import annotations
 
 import collections
-import queue
 import threading
+import time
 from typing import Iterator
 
 import pyarrow as pa
 
-from .pipes import DONE, discard, pump
 from .stores.base import RunSelection, Store
-
-# Record batches fetched ahead of the caller (a PostgreSQL store sends 4 MB
-# ones, about 3,000 runs each).
-FETCH_AHEAD_BATCHES = 16
 
 
 def next_batch_rows(size: int, rows_left: int, ended: bool, last_rows: int) -> int:
@@ -46,73 +42,99 @@ def read_runs(
     batch_rows: int,
     first_rows: int | None = None,
     last_rows: int | None = None,
+    seconds: dict | None = None,
 ) -> Iterator[pa.Table]:
     """``first_rows``: start with a smaller batch and double the size up to
     ``batch_rows``, so that a pipeline that waits for the first batches (the
     encoder, then the writer) starts sooner. ``last_rows``: the smallest batch
     the runs left are halved down to at the end (by default ``batch_rows``,
-    which turns halving off)."""
+    which turns halving off). ``seconds``: the fetch thread adds the time it
+    spends getting record batches from the store to ``seconds["read"]``."""
     last_rows = batch_rows if last_rows is None else max(1, min(last_rows, batch_rows))
-    fetched: queue.Queue = queue.Queue(maxsize=FETCH_AHEAD_BATCHES)
-    stop = threading.Event()
-    source = store.read_runs(selection)
-    fetcher = threading.Thread(target=_fetch, args=(source, fetched, stop), daemon=True)
-    fetcher.start()
+    ahead = _ReadAhead(store.read_runs(selection), batch_rows + batch_rows // 2, seconds)
     try:
-        buffered: collections.deque[pa.RecordBatch] = collections.deque()
-        buffered_rows = 0
-        ended = False
         size = min(first_rows or batch_rows, batch_rows)
-
-        def take(block: bool) -> bool:
-            """Move one fetched record batch to ``buffered``; False if none was waiting."""
-            nonlocal buffered_rows, ended
-            try:
-                item = fetched.get(block=block)
-            except queue.Empty:
-                return False
-            if item is DONE:
-                ended = True
-            elif isinstance(item, BaseException):
-                raise item
-            elif item.num_rows:
-                buffered.append(item)
-                buffered_rows += item.num_rows
-            return True
-
         while True:
-            # what has arrived, up to a batch beyond this one: enough to see the end coming
-            while not ended and buffered_rows < size + batch_rows and take(block=False):
-                pass
-            while not ended and buffered_rows < size:
-                take(block=True)
-            if not buffered_rows:
+            parts = ahead.take(size, last_rows)
+            if not parts:
                 return
-            want = min(buffered_rows, next_batch_rows(size, buffered_rows, ended, last_rows))
-            parts, got = [], 0
-            while got < want:
-                batch = buffered.popleft()
-                if got + batch.num_rows > want:
-                    buffered.appendleft(batch.slice(want - got))
-                    batch = batch.slice(0, want - got)
-                parts.append(batch)
-                got += batch.num_rows
-            buffered_rows -= got
             yield pa.Table.from_batches(parts).combine_chunks()
             size = min(2 * size, batch_rows)
     finally:
-        stop.set()
-        while fetcher.is_alive():
-            discard(fetched)  # a fetcher blocked on a full queue sees stop
-            fetcher.join(timeout=0.05)
+        ahead.close()
 
 
-def _fetch(source: Iterator[pa.RecordBatch], out: queue.Queue, stop: threading.Event) -> None:
-    """The fetch thread: the store's record batches into ``out``; the store's
-    cursor is closed by this thread, the one that used it."""
-    try:
-        pump(source, out, stop)
-    finally:
-        close = getattr(source, "close", None)
-        if close is not None:
-            close()
+class _ReadAhead:
+    """A fetch thread's record batches, held until taken: at most ``limit_rows``
+    runs (the fetch thread waits while that many are held)."""
+
+    def __init__(self, source: Iterator[pa.RecordBatch], limit_rows: int, seconds: dict | None):
+        self.source, self.limit_rows, self.seconds = source, limit_rows, seconds
+        self.changed = threading.Condition()
+        self.held: collections.deque[pa.RecordBatch] = collections.deque()
+        self.rows = 0
+        self.ended = False
+        self.error: BaseException | None = None
+        self.stopped = False
+        self.thread = threading.Thread(target=self._fetch, daemon=True)
+        self.thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            batches = iter(self.source)
+            while True:
+                with self.changed:
+                    while self.rows >= self.limit_rows and not self.stopped:
+                        self.changed.wait()
+                    if self.stopped:
+                        return
+                started = time.perf_counter()
+                batch = next(batches, None)
+                if self.seconds is not None:
+                    self.seconds["read"] += time.perf_counter() - started
+                with self.changed:
+                    if batch is None:
+                        self.ended = True
+                    elif batch.num_rows:
+                        self.held.append(batch)
+                        self.rows += batch.num_rows
+                    self.changed.notify_all()
+                if batch is None:
+                    return
+        except BaseException as exc:  # handed to the reader, which re-raises it
+            with self.changed:
+                self.error = exc
+                self.changed.notify_all()
+        finally:
+            # the store's cursor is closed by the thread that used it
+            close = getattr(self.source, "close", None)
+            if close is not None:
+                close()
+
+    def take(self, size: int, last_rows: int) -> list[pa.RecordBatch]:
+        """The record batches (sliced to fit) of the next batch of runs, whose
+        size ``next_batch_rows`` gives from what is held now; [] at the end."""
+        with self.changed:
+            while self.rows < size and not self.ended and self.error is None:
+                self.changed.wait()
+            if self.error is not None:
+                raise self.error
+            want = min(self.rows, next_batch_rows(size, self.rows, self.ended, last_rows))
+            parts, got = [], 0
+            while got < want:
+                batch = self.held.popleft()
+                if got + batch.num_rows > want:
+                    self.held.appendleft(batch.slice(want - got))
+                    batch = batch.slice(0, want - got)
+                parts.append(batch)
+                got += batch.num_rows
+            self.rows -= got
+            self.changed.notify_all()
+            return parts
+
+    def close(self) -> None:
+        """Stop the fetch thread (after the record batch it is fetching, if any)."""
+        with self.changed:
+            self.stopped = True
+            self.changed.notify_all()
+        self.thread.join()

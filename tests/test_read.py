@@ -75,16 +75,33 @@ def test_halving_stops_at_last_rows_and_is_off_when_last_rows_is_the_batch_size(
 
 
 def test_read_runs_halves_the_last_batches_once_the_end_is_fetched():
-    store = ListStore(record_batches(40_000, 3_000))
-    batches = read_runs(store, RunSelection(), 10_000, first_rows=1_000, last_rows=1_000)
-    first = next(batches)
-    time.sleep(0.3)  # 14 small record batches: the fetch thread has reached the end
-    rest = list(batches)
-    sizes = [first.num_rows] + [t.num_rows for t in rest]
-    assert sizes == [1_000, 2_000, 4_000, 8_000, 10_000, 7_500, 3_750, 1_875, 1_875]
-    ids = [i for t in [first, *rest] for i in t.column("run_id").to_pylist()]
+    # batches of 10,000: the fetch thread holds up to 15,000 runs ahead
+    store = ListStore(record_batches(40_000, 1_000))
+    seconds = {"read": 0.0}
+    batches = read_runs(store, RunSelection(), 10_000, first_rows=1_000, last_rows=1_000, seconds=seconds)
+    tables = []
+    while True:
+        time.sleep(0.1)  # the fetch thread catches up: it holds all it may
+        table = next(batches, None)
+        if table is None:
+            break
+        tables.append(table)
+    sizes = [t.num_rows for t in tables]
+    # the end shows once the last 5,000 runs are all that is held: they are halved
+    assert sizes == [1_000, 2_000, 4_000, 8_000, 10_000, 10_000, 2_500, 1_250, 1_250]
+    ids = [i for t in tables for i in t.column("run_id").to_pylist()]
     assert ids == [f"R{i:07d}" for i in range(40_000)]  # every run once, in order
     assert store.closed.is_set()
+    assert seconds["read"] > 0  # the fetch thread's time
+
+
+def test_the_fetch_thread_holds_at_most_a_batch_and_a_half_ahead():
+    store = ListStore(record_batches(100_000, 500))
+    batches = read_runs(store, RunSelection(), 2_000)
+    next(batches)
+    time.sleep(0.2)
+    assert store.fetched * 500 <= 2_000 + 3_000 + 500  # the batch taken, 1.5 batches held, one being added
+    batches.close()
 
 
 def test_read_runs_hands_on_a_fetch_error_and_closes_the_source():
@@ -100,4 +117,3 @@ def test_closing_read_runs_early_stops_the_fetch_thread_and_closes_the_source():
     next(batches)
     batches.close()
     assert store.closed.wait(2)
-    assert store.fetched < 100
