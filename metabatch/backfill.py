@@ -14,6 +14,7 @@ kept busy). The last batches are smaller (``last_batch_rows``). Returns a
 from __future__ import annotations
 
 import ctypes
+import functools
 import queue
 import threading
 import time
@@ -49,6 +50,7 @@ def last_batch_rows(batch_rows: int) -> int:
     return max(1, batch_rows // 10)
 
 
+@functools.cache
 def _big_buffers_back_to_the_os() -> None:
     """Ask glibc to serve every allocation of 1 MB or more with its own mapping,
     returned to the OS when freed. By default glibc raises that threshold to
@@ -57,10 +59,6 @@ def _big_buffers_back_to_the_os() -> None:
     another, fragment that thread's arena: at 1M runs peak RSS grew by 150 MB
     over the job, and with this it stays flat. Process-wide, done once; a no-op
     where libc has no mallopt."""
-    global _BUFFERS_SET
-    if _BUFFERS_SET:
-        return
-    _BUFFERS_SET = True
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
@@ -69,7 +67,6 @@ def _big_buffers_back_to_the_os() -> None:
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-_BUFFERS_SET = False
 
 
 def _one_thread_duckdb() -> duckdb.DuckDBPyConnection:

@@ -4,9 +4,9 @@ Takes a store and a ``RunSelection``; yields tables of at most ``batch_rows``
 runs (run_id, strategy_id, universe_id, end_date, config_json, metrics_json,
 the JSON as text), streaming, so memory does not grow with the number of runs.
 
-A thread of its own fetches the store's record batches, up to a batch ahead
-of the one being cut (at most two batches of runs are held), so that the
-database goes on sending while the caller works on a batch. That read-ahead
+A thread of its own fetches the store's record batches, up to half a batch
+beyond the one being cut (at most a batch and a half of runs are held), so
+that the database goes on sending while the caller works on a batch. That read-ahead
 also shows the end of the runs before the last batches are cut: the runs left
 are then cut in halves, down to ``last_rows``, because the last batch of a
 pipeline is encoded and written with nothing to overlap it.
