@@ -247,6 +247,33 @@ def test_read_runs_makes_batches_of_the_asked_sizes(url):
     assert len(ids) == len(set(ids)) == 2_500
 
 
+
+def test_read_runs_halves_the_last_batches_of_a_real_store(url):
+    import time
+
+    from metabatch.read import read_runs
+
+    store = opened(url)
+    try:
+        store.insert_runs(many_runs(40_000))
+        batches = read_runs(store, RunSelection(), 10_000, first_rows=1_000, last_rows=1_000)
+        tables = []
+        while True:
+            time.sleep(0.1)  # the fetch thread holds all it may before each cut
+            table = next(batches, None)
+            if table is None:
+                break
+            tables.append(table)
+    finally:
+        store.close()
+    sizes = [t.num_rows for t in tables]
+    ids = [i for t in tables for i in t.column("run_id").to_pylist()]
+    assert len(ids) == len(set(ids)) == 40_000
+    assert sizes[:5] == [1_000, 2_000, 4_000, 8_000, 10_000]
+    assert max(sizes) <= 10_000
+    assert sizes[4:] == sorted(sizes[4:], reverse=True)
+    assert sizes[-1] <= 2_000  # without halving the last batch would hold the 5,000 left
+
 # -- embeddings
 
 
