@@ -61,6 +61,19 @@ def _in_chunks(table: pa.Table) -> pa.Table:
     return pa.Table.from_batches(table.to_batches(max_chunksize=_COPY_CHUNK_ROWS), schema=table.schema)
 
 
+def _one_row(**values) -> pa.RecordBatch:
+    """Bind parameters as Arrow (ADBC binds a record batch as given): a Python
+    list of 25k run ids would be made into Python strings and back."""
+    columns = [v if isinstance(v, pa.Array) else pa.array([v], pa.string()) for v in values.values()]
+    return pa.RecordBatch.from_arrays(columns, names=list(values))
+
+
+def _as_one_list(texts: pa.Array) -> pa.Array:
+    """A column of texts as a single list value (one row), for a text[] parameter."""
+    texts = texts.cast(pa.string())
+    return pa.ListArray.from_arrays(pa.array([0, len(texts)], pa.int32()), texts)
+
+
 class PostgresStore:
     def __init__(self, url: DatabaseURL):
         self.url = url
@@ -188,7 +201,7 @@ class PostgresStore:
                     " (SELECT min(j.joint_id) AS first_id, count(*) AS n FROM joint_embeddings j"
                     "  WHERE j.joint_type = $1 AND j.model_id = $2 AND (j.entity_scope ->> 'run_id') = r.run_id) x"
                     " WHERE x.n > 0",
-                    (joint_type, model_id, run_ids.to_pylist()),
+                    _one_row(joint_type=joint_type, model_id=model_id, run_ids=_as_one_list(run_ids)),
                 )
                 existing = cur.fetch_arrow_table()
                 if existing.num_rows:
