@@ -51,22 +51,35 @@ def last_batch_rows(batch_rows: int) -> int:
 
 
 @functools.cache
-def _big_buffers_back_to_the_os() -> None:
-    """Ask glibc to serve every allocation of 1 MB or more with its own mapping,
-    returned to the OS when freed. By default glibc raises that threshold to
-    the size of the biggest buffer freed so far (up to 32 MB), and then the
-    database driver's multi-MB buffers, made on the fetch thread and freed on
-    another, fragment that thread's arena: at 1M runs peak RSS grew by 150 MB
-    over the job, and with this it stays flat. Process-wide, done once; a no-op
-    where libc has no mallopt."""
+def _tune_malloc() -> None:
+    """Two glibc malloc settings, process-wide, done once (a no-op where libc
+    has no mallopt):
+
+    - every allocation of 1 MB or more gets its own mapping, returned to the
+      OS when freed. By default glibc raises that threshold to the size of the
+      biggest buffer freed so far (up to 32 MB), and then the database
+      driver's multi-MB buffers, made on the fetch thread and freed on
+      another, fragment that thread's arena: at 1M runs peak RSS grew by
+      150 MB over the job, and with this it stays flat;
+    - smaller freed memory is kept for reuse (up to 256 MB free at the top of
+      a heap, which grows 64 MB at a time) instead of being handed back to the
+      OS at once: memory new to the process costs the kernel a page fault and
+      a zeroing per page, 11% of the job's CPU. A 200k-run job takes 30% fewer
+      page faults and 6% less CPU, for 30 MB more peak RSS.
+    """
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+        libc.mallopt(_M_TOP_PAD, 64 << 20)
     except (OSError, AttributeError):
         pass
 
 
-_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+# glibc's malloc.h
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
 
 
 def _one_thread_duckdb() -> duckdb.DuckDBPyConnection:
@@ -144,7 +157,7 @@ def backfill(
     written (only then are the selected runs counted first).
     """
     historical_url = historical_url or runtime_url
-    _big_buffers_back_to_the_os()
+    _tune_malloc()
     summary = BackfillSummary()
     started = time.perf_counter()
     reader_store = open_store(runtime_url)
