@@ -52,3 +52,44 @@ def test_a_null_whose_span_holds_bytes_stays_null():
     )
     assert _json_strings(literals).to_pylist() == ['x"y', None]
     assert _first_bytes(literals).tolist() == [ord('"'), 0]
+
+
+class _ImportRecorder:
+    """A meta path finder that records every module Python looks for (only
+    modules not yet imported are looked for) and finds none itself."""
+
+    def __init__(self):
+        self.names = []
+
+    def find_spec(self, name, path=None, target=None):
+        self.names.append(name)
+        return None
+
+
+def test_unnesting_a_batch_looks_for_no_module():
+    # Given a Python str, pyarrow's compute functions try to import dateutil and
+    # pandas on every call; where they are missing, each call searched sys.path.
+    import sys
+
+    import duckdb
+
+    from metabatch.unnest import ShapeCache, unnest_config
+
+    configs = pa.array(
+        [
+            '{"a": {"b": [{"c": "x", "d": [1, 2]}, {"c": "y"}]}, "tags": ["p", "q"], "name": "n%d"}' % i
+            for i in range(200)
+        ],
+        pa.string(),
+    )
+    con = duckdb.connect()
+    cache = ShapeCache()
+    unnest_config(con, configs, 384, cache)  # the first batch may import what it needs once
+    recorder = _ImportRecorder()
+    sys.meta_path.insert(0, recorder)
+    try:
+        unnested = unnest_config(con, configs, 384, cache)
+    finally:
+        sys.meta_path.remove(recorder)
+    assert sum(len(leaves.string_rows) for leaves in unnested.leaves.values()) > 0  # string tokens were rendered
+    assert recorder.names == []
