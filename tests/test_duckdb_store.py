@@ -247,7 +247,6 @@ def test_read_runs_makes_batches_of_the_asked_sizes(url):
     assert len(ids) == len(set(ids)) == 2_500
 
 
-
 def test_read_runs_halves_the_last_batches_of_a_real_store(url):
     import time
 
@@ -273,6 +272,7 @@ def test_read_runs_halves_the_last_batches_of_a_real_store(url):
     assert max(sizes) <= 10_000
     assert sizes[4:] == sorted(sizes[4:], reverse=True)
     assert sizes[-1] <= 2_000  # without halving the last batch would hold the 5,000 left
+
 
 # -- embeddings
 

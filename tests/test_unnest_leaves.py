@@ -4,12 +4,14 @@ must take only columns where every value is a JSON number."""
 from __future__ import annotations
 
 import math
+import sys
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from metabatch.unnest import _all_numbers, _first_bytes, _json_strings
+from metabatch.unnest import ShapeCache, _all_numbers, _first_bytes, _json_strings, unnest_config
 
 
 @pytest.mark.parametrize(
@@ -69,12 +71,6 @@ class _ImportRecorder:
 def test_unnesting_a_batch_looks_for_no_module():
     # Given a Python str, pyarrow's compute functions try to import dateutil and
     # pandas on every call; where they are missing, each call searched sys.path.
-    import sys
-
-    import duckdb
-
-    from metabatch.unnest import ShapeCache, unnest_config
-
     configs = pa.array(
         [
             '{"a": {"b": [{"c": "x", "d": [1, 2]}, {"c": "y"}]}, "tags": ["p", "q"], "name": "n%d"}' % i
