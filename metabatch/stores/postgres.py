@@ -23,11 +23,14 @@ from ..resources import resource_dir
 from ..urls import DatabaseURL
 from .base import EMBEDDING_READ_COLUMNS, RUN_COLUMNS, RUN_DETAIL_COLUMNS, EmbeddingFilter, RunSelection, require_columns
 
-# Bytes per record batch that ADBC hands over while streaming; the runs come in
-# smaller record batches, so that a backfill's first (small) batch is not held
-# back until 16 MB have arrived.
+# Bytes per record batch that ADBC hands over while streaming. The runs come in
+# smaller record batches: a backfill's first (small) batch is not held back
+# until 16 MB have arrived, and buffers under glibc's 1 MB mapping threshold
+# (see backfill._tune_malloc) are reused from the heap, where multi-MB ones
+# were new memory, a page fault per 4 kB (200k runs: 4% less CPU, median of
+# 9 alternating runs).
 _READ_BATCH_BYTES = 16 * 1024 * 1024
-_RUNS_BATCH_BYTES = 4 * 1024 * 1024
+_RUNS_BATCH_BYTES = 512 * 1024
 
 
 def _scrub(message: str, url: DatabaseURL) -> str:
