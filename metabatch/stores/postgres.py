@@ -71,10 +71,9 @@ def _one_row(**values) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(columns, names=list(values))
 
 
-def _as_one_list(texts: pa.Array) -> pa.Array:
-    """A column of texts as a single list value (one row), for a text[] parameter."""
-    texts = texts.cast(pa.string())
-    return pa.ListArray.from_arrays(pa.array([0, len(texts)], pa.int32()), texts)
+def _as_one_list(values: pa.Array) -> pa.Array:
+    """A column as a single list value (one row), for an array parameter."""
+    return pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
 
 
 class PostgresStore:
@@ -204,7 +203,7 @@ class PostgresStore:
                     " (SELECT min(j.joint_id) AS first_id, count(*) AS n FROM joint_embeddings j"
                     "  WHERE j.joint_type = $1 AND j.model_id = $2 AND (j.entity_scope ->> 'run_id') = r.run_id) x"
                     " WHERE x.n > 0",
-                    _one_row(joint_type=joint_type, model_id=model_id, run_ids=_as_one_list(run_ids)),
+                    _one_row(joint_type=joint_type, model_id=model_id, run_ids=_as_one_list(run_ids.cast(pa.string()))),
                 )
                 existing = cur.fetch_arrow_table()
                 if existing.num_rows:
@@ -231,7 +230,12 @@ class PostgresStore:
                         cur.execute(
                             "DELETE FROM joint_embeddings WHERE joint_type = $1 AND model_id = $2"
                             " AND (entity_scope ->> 'run_id') = ANY($3) AND NOT joint_id = ANY($4)",
-                            (joint_type, model_id, duplicated.column(0).to_pylist(), duplicated.column(1).to_pylist()),
+                            _one_row(
+                                joint_type=joint_type,
+                                model_id=model_id,
+                                run_ids=_as_one_list(duplicated.column(0).combine_chunks().cast(pa.string())),
+                                keep_ids=_as_one_list(duplicated.column(1).combine_chunks().cast(pa.int64())),
+                            ),
                         )
                     rows = rows.filter(pc.invert(is_existing))
                 if rows.num_rows:
