@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from .builder import ENV_NEEDLES, _Builder
-from .leaves import BranchLeaves, Sink, Unnested
+from .leaves import BranchLeaves, PathLeaves, Sink, Unnested
 from .nodes import _Node
 from .paths import LeafPath
 from .structure import RootParse, ShapeCache
@@ -41,8 +41,9 @@ from .text import TextFacts, _too_deep, max_depth, text_facts, text_members
 from .text import _all_numbers, _first_bytes, _json_strings  # noqa: F401 (used by the tests)
 
 __all__ = [
-    "ENV_NEEDLES", "BranchLeaves", "RootParse", "ShapeCache", "TextFacts", "Unnested",
-    "max_depth", "parse_config", "text_facts", "text_members", "unnest_config", "unnest_metrics",
+    "ENV_NEEDLES", "BranchLeaves", "PathLeaves", "RootParse", "ShapeCache", "TextFacts", "Unnested",
+    "collect_config", "collect_metrics", "max_depth", "parse_config", "text_facts", "text_members",
+    "unnest_config", "unnest_metrics",
 ]
 
 
@@ -54,7 +55,30 @@ def unnest_config(
     facts: TextFacts | None = None,
     parsed: RootParse | None = None,
 ) -> Unnested:
-    """Config and env leaves of a column of JSON objects (null for no object).
+    """Config and env leaves of a column of JSON objects (null for no object),
+    at their v1 positions (see ``_config_root`` for the other arguments)."""
+    with _config_root(con, objects, cache, facts, parsed) as root:
+        return _place(root, len(objects), limit, ("config", "env"), {"config": root.count, "env": root.env_count})
+
+
+def collect_config(
+    con: duckdb.DuckDBPyConnection,
+    objects: pa.Array,
+    cache: ShapeCache | None = None,
+    facts: TextFacts | None = None,
+    parsed: RootParse | None = None,
+) -> PathLeaves:
+    """Every leaf of a column of JSON objects by path, list indices dropped
+    (the v2 encoder's input; see ``_config_root`` for the other arguments)."""
+    with _config_root(con, objects, cache, facts, parsed) as root:
+        leaves = PathLeaves()
+        root.collect(leaves, np.arange(len(objects), dtype=np.int64))
+        return leaves
+
+
+@contextmanager
+def _config_root(con, objects, cache, facts, parsed):
+    """The root node of a column of config objects, with room to recurse into it.
 
     Pass the same ``cache`` for every batch of a job: later batches then reuse
     the structure of earlier ones (see ``_Builder.root_objects``). ``facts``:
@@ -65,10 +89,9 @@ def unnest_config(
     builder = _Builder(con, strings=True, descend=True, shallow=not deep)
     with _recursion_room(objects, deep):
         if cache is None:
-            root = builder.objects(objects, LeafPath(), False)
+            yield builder.objects(objects, LeafPath(), False)
         else:
-            root = builder.root_objects(objects, cache, facts, parsed)
-        return _place(root, len(objects), limit, ("config", "env"), {"config": root.count, "env": root.env_count})
+            yield builder.root_objects(objects, cache, facts, parsed)
 
 
 def parse_config(con: duckdb.DuckDBPyConnection, objects: pa.Array, cache: ShapeCache) -> RootParse | None:
@@ -102,13 +125,28 @@ def unnest_metrics(
     facts: TextFacts | None = None,
 ) -> Unnested:
     """Outcome leaves: top-level numbers and booleans of each JSON object."""
-    builder = _Builder(con, strings=False, descend=False, shallow=facts is not None and not facts.deep)
-    if cache is None:
-        root = builder.objects(objects, LeafPath(), False)
-    else:
-        root = builder.root_objects(objects, cache, facts)
+    root = _metrics_root(con, objects, cache, facts)
     result = _place(root, len(objects), limit, ("config", "env"), {"outcome": root.count})
     return Unnested(result.counts, {"outcome": result.leaves["config"]})
+
+
+def collect_metrics(
+    con: duckdb.DuckDBPyConnection,
+    objects: pa.Array,
+    cache: ShapeCache | None = None,
+    facts: TextFacts | None = None,
+) -> PathLeaves:
+    """The top-level numbers and booleans of each JSON object, by key (v2)."""
+    leaves = PathLeaves()
+    _metrics_root(con, objects, cache, facts).collect(leaves, np.arange(len(objects), dtype=np.int64))
+    return leaves
+
+
+def _metrics_root(con, objects, cache, facts) -> _Node:
+    builder = _Builder(con, strings=False, descend=False, shallow=facts is not None and not facts.deep)
+    if cache is None:
+        return builder.objects(objects, LeafPath(), False)
+    return builder.root_objects(objects, cache, facts)
 
 
 def _place(root: _Node, n: int, limit: int, branches, counts) -> Unnested:

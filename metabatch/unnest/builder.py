@@ -220,9 +220,9 @@ class _Builder:
         if isinstance(shape, list):
             return self._list(values, shape[0], path, env)
         if shape == "DOUBLE":
-            return _numbers(values, env)
+            return _numbers(values, env, path)
         if shape == "BOOLEAN":
-            return _numbers(pc.cast(values, pa.float64()), env)
+            return _numbers(pc.cast(values, pa.float64()), env, path, boolean=True)
         if shape == "VARCHAR":
             return _Strings(values, path, env)
         return self.mixed(values, path, env, element=element)
@@ -233,7 +233,7 @@ class _Builder:
         parent = np.asarray(pc.list_parent_indices(values).to_numpy(zero_copy_only=False), np.int64)
         level = sum(1 for p in path.pieces if isinstance(p, int))
         node = self._typed(elements, element_shape, path.index(level), env, element=True)
-        return _List(n, parent, _index_within(parent, n), node, _valid(values))
+        return _List(n, parent, _index_within(parent, n), node, _valid(values), path)
 
     # -- values of mixed JSON type
 
@@ -250,7 +250,7 @@ class _Builder:
             return _Empty(n)
         numbers = _all_numbers(texts)
         if numbers is not None:
-            return _numbers(numbers, env)
+            return _numbers(numbers, env, path)
         codes = _KIND_OF_FIRST_BYTE[_first_bytes(texts)]
         valid = codes != _KINDS.index("null")
         json_null = codes == _KINDS.index("null")
@@ -261,11 +261,11 @@ class _Builder:
         present = [_KINDS[c] for c in np.flatnonzero(np.bincount(codes, minlength=len(_KINDS))) if c]
         # the common case, one kind of scalar: no take, nulls stay nulls
         if present == ["number"]:
-            return _numbers(pc.cast(texts, pa.float64()), env)
+            return _numbers(pc.cast(texts, pa.float64()), env, path)
         if present == ["string"] and self.strings:
             return _Strings(_json_strings(texts), path, env)
         if present == ["boolean"]:
-            return _numbers(pc.cast(pc.starts_with(texts, "t"), pa.float64()), env)
+            return _numbers(pc.cast(pc.starts_with(texts, "t"), pa.float64()), env, path, boolean=True)
         parts = []
         members = np.zeros(n, np.int64)
         for kind in present:
@@ -288,9 +288,9 @@ class _Builder:
             elif kind == "string":
                 node = _Strings(_json_strings(subset), path, env)
             elif kind == "boolean":
-                node = _numbers(pc.cast(pc.starts_with(subset, "t"), pa.float64()), env)
+                node = _numbers(pc.cast(pc.starts_with(subset, "t"), pa.float64()), env, path, boolean=True)
             else:
-                node = _numbers(pc.cast(subset, pa.float64()), env)
+                node = _numbers(pc.cast(subset, pa.float64()), env, path)
             parts.append((where, node))
         return _Mixed(n, parts, valid, members)
 
@@ -306,10 +306,10 @@ def _scatter(n: int, where: np.ndarray, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _numbers(values: pa.Array, env: bool) -> _Numbers:
+def _numbers(values: pa.Array, env: bool, path: LeafPath, boolean: bool = False) -> _Numbers:
     valid = np.asarray(values.is_valid().to_numpy(zero_copy_only=False), bool)
     data = np.asarray(pc.fill_null(values, 0.0).to_numpy(zero_copy_only=False), np.float64)
-    return _Numbers(data, valid, env)
+    return _Numbers(data, valid, env, path, boolean)
 
 
 def _index_within(parent: np.ndarray, n: int) -> np.ndarray:

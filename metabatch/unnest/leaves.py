@@ -1,8 +1,12 @@
-"""Leaves placed at their v1 positions: what ``unnest_config`` / ``unnest_metrics`` return.
+"""Leaves, as the encoders take them.
 
-``Sink`` collects, per branch, parallel arrays (row, position, value) for
+v1: ``Sink`` collects, per branch, parallel arrays (row, position, value) for
 numbers and (row, position, ``path=string`` token) for strings, dropping the
-leaves past the truncation limit.
+leaves past the truncation limit; ``unnest_config`` / ``unnest_metrics``
+return them as ``Unnested``.
+
+v2: ``PathLeaves`` collects the leaves by path, list indices dropped, with no
+position and no limit (``collect_config`` / ``collect_metrics``).
 """
 
 from __future__ import annotations
@@ -64,3 +68,55 @@ class Sink:
             out.string_rows.append(rows)
             out.string_positions.append(positions)
             out.string_tokens.append(tokens)
+
+
+@dataclass
+class PathLeaves:
+    """A batch's leaves by path (list indices dropped), one chunk per structure node.
+
+    ``numbers``: (path, rows, float64 values, from booleans?) -- booleans are
+    1.0 / 0.0; ``strings``: (path, rows, Arrow string values); ``lists``:
+    (path, rows, lengths) for every array value, empty ones included. A path
+    may have several chunks (nodes of mixed JSON type), and a row several
+    values in one chunk (the elements of its lists).
+    """
+
+    numbers: list[tuple[str, np.ndarray, np.ndarray, bool]] = field(default_factory=list)
+    strings: list[tuple[str, np.ndarray, pa.Array]] = field(default_factory=list)
+    lists: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    def add_numbers(self, path: str, rows: np.ndarray, values: np.ndarray, boolean: bool) -> None:
+        self.numbers.append((path, rows, values, boolean))
+
+    def add_strings(self, path: str, rows: np.ndarray, values: pa.Array) -> None:
+        self.strings.append((path, rows, values))
+
+    def add_list(self, path: str, rows: np.ndarray, lengths: np.ndarray) -> None:
+        self.lists.append((path, rows, lengths))
+
+    def only(self, keep: np.ndarray) -> "PathLeaves":
+        """A view that passes on only the leaves of the runs where ``keep`` is true."""
+        return _KeptLeaves(self, keep)
+
+
+class _KeptLeaves(PathLeaves):
+    def __init__(self, leaves: PathLeaves, keep: np.ndarray):
+        self.leaves, self.keep = leaves, keep
+
+    def add_numbers(self, path, rows, values, boolean):
+        k = self.keep[rows]
+        if k.any():
+            self.leaves.add_numbers(path, rows[k], values[k], boolean)
+
+    def add_strings(self, path, rows, values):
+        k = self.keep[rows]
+        if k.any():
+            self.leaves.add_strings(path, rows[k], values.filter(pa.array(k)))
+
+    def add_list(self, path, rows, lengths):
+        k = self.keep[rows]
+        if k.any():
+            self.leaves.add_list(path, rows[k], lengths[k])
+
+    def only(self, keep):
+        return _KeptLeaves(self.leaves, self.keep & keep)

@@ -2,7 +2,8 @@
 
 A node covers n instances (runs, or list elements) and knows, per instance,
 how many features its subtree holds; ``place`` puts its leaves at their v1
-positions (prefix sums of those counts) into a ``Sink``.
+positions (prefix sums of those counts) into a ``Sink``, and ``collect`` hands
+them to a ``PathLeaves`` by path, list indices dropped (the v2 encoder's input).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .leaves import Sink
+from .leaves import PathLeaves, Sink
 from .paths import LeafPath, _text
 from .text import _valid
 
@@ -36,6 +37,10 @@ class _Node:
     def place(self, sink, rows, offset, env_offset, indices):  # pragma: no cover
         raise NotImplementedError
 
+    def collect(self, sink: PathLeaves, rows: np.ndarray) -> None:  # pragma: no cover
+        """Hand the subtree's leaves to ``sink``; ``rows[i]``: the run of instance i."""
+        raise NotImplementedError
+
 
 class _Empty(_Node):
     def __init__(self, n: int, valid: np.ndarray | None = None, members: np.ndarray | None = None):
@@ -47,10 +52,14 @@ class _Empty(_Node):
     def place(self, sink, rows, offset, env_offset, indices):
         pass
 
+    def collect(self, sink, rows):
+        pass
+
 
 class _Numbers(_Node):
-    def __init__(self, values: np.ndarray, valid: np.ndarray, env: bool):
+    def __init__(self, values: np.ndarray, valid: np.ndarray, env: bool, path: LeafPath, boolean: bool = False):
         self.values, self.valid, self.env = values, valid, env
+        self.path, self.boolean = path, boolean  # booleans are 1.0 / 0.0 here
         self.count = valid.astype(np.int64)
         self.env_count = self.count if env else np.zeros_like(self.count)
         self.members = np.zeros_like(self.count)
@@ -60,6 +69,11 @@ class _Numbers(_Node):
         sink.numbers("config", rows[v], offset[v], self.values[v])
         if self.env:
             sink.numbers("env", rows[v], env_offset[v], self.values[v])
+
+    def collect(self, sink, rows):
+        v = self.valid
+        if v.any():
+            sink.add_numbers(self.path.plain(), rows[v], self.values[v], self.boolean)
 
 
 class _Strings(_Node):
@@ -78,6 +92,11 @@ class _Strings(_Node):
         sink.strings("config", rows[v], offset[v], tokens)
         if self.env:
             sink.strings("env", rows[v], env_offset[v], tokens)
+
+    def collect(self, sink, rows):
+        v = self.valid
+        if v.any():
+            sink.add_strings(self.path.plain(), rows[v], self.values.filter(pa.array(v)))
 
     def tokens(self, values: pa.Array, indices: list[np.ndarray]) -> pa.DictionaryArray:
         """The ``path=value`` token of every instance, dictionary-encoded: only
@@ -133,12 +152,17 @@ class _Struct(_Node):
             offset += child.count
             env_offset += child.env_count
 
+    def collect(self, sink, rows):
+        for child in self.children:
+            child.collect(sink, rows)
+
 
 class _List(_Node):
     """Elements of lists; ``parent`` maps each element to its instance."""
 
-    def __init__(self, n: int, parent: np.ndarray, element_index: np.ndarray, element: _Node, valid: np.ndarray):
+    def __init__(self, n: int, parent: np.ndarray, element_index: np.ndarray, element: _Node, valid: np.ndarray, path: LeafPath):
         self.parent, self.element_index, self.element, self.valid = parent, element_index, element, valid
+        self.path = path
         self.count = np.bincount(parent, weights=element.count, minlength=n).astype(np.int64)
         self.env_count = np.bincount(parent, weights=element.env_count, minlength=n).astype(np.int64)
         self.members = np.bincount(parent, weights=element.members, minlength=n).astype(np.int64)
@@ -168,6 +192,14 @@ class _List(_Node):
             [ix[p] for ix in indices] + [self.element_index],
         )
 
+    def collect(self, sink, rows):
+        v = self.valid
+        if v.any():
+            lengths = np.bincount(self.parent, minlength=len(v))
+            sink.add_list(self.path.plain(), rows[v], lengths[v])
+        if len(self.parent):
+            self.element.collect(sink, rows[self.parent])
+
 
 class _Mixed(_Node):
     """A node whose instances hold different JSON types: one part per type."""
@@ -186,6 +218,10 @@ class _Mixed(_Node):
         for where, node in self.parts:
             node.place(sink, rows[where], offset[where], env_offset[where], [ix[where] for ix in indices])
 
+    def collect(self, sink, rows):
+        for where, node in self.parts:
+            node.collect(sink, rows[where])
+
 
 class _Filtered(_Node):
     """A node over the runs (root level) with some runs left out."""
@@ -198,6 +234,10 @@ class _Filtered(_Node):
 
     def place(self, sink, rows, offset, env_offset, indices):
         self.node.place(_FilterSink(sink, self.keep), rows, offset, env_offset, indices)
+
+    def collect(self, sink, rows):
+        # at the root, instance i is run rows[i]: drop the instances left out
+        self.node.collect(sink.only(self.keep), rows)
 
 
 class _FilterSink:

@@ -29,6 +29,11 @@ class LeafPath:
             return LeafPath((key,))
         return LeafPath(self.pieces + ("." + key,))
 
+    def plain(self) -> str:
+        """The path with its list indices dropped (``engine.weights`` for
+        ``engine.weights[3]``): what v2 keys a leaf by."""
+        return "".join(p for p in self.pieces if isinstance(p, str))
+
     def index(self, level: int) -> "LeafPath":
         return LeafPath(self.pieces + (level,))
 
