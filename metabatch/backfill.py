@@ -24,8 +24,9 @@ from typing import Callable
 import duckdb
 import numpy as np
 
-from .embed import DEFAULT_MODEL_ID, EmbeddedBatch, Weights, embed_batch, prepare_runs
+from .embed import DEFAULT_MODEL_ID, EmbeddedBatch, Weights
 from .encode import DIM
+from .encoders.base import Encoder
 from .pipes import DONE, consume, discard, pump
 from .read import read_runs
 from .stores import open_store
@@ -122,6 +123,10 @@ class BackfillSummary:
     stage_seconds: dict[str, float] = field(
         default_factory=lambda: {"read": 0.0, "unnest": 0.0, "encode": 0.0, "combine": 0.0, "write": 0.0}
     )
+    model_id: str = DEFAULT_MODEL_ID
+    encoder: str = "v1"
+    fitted: dict | None = None  # the fit's summary when the model was fitted on first use
+    unseen_config_paths: list[str] = field(default_factory=list)  # v2: config paths the fit did not see
 
     @property
     def runs_per_second(self) -> float:
@@ -139,6 +144,10 @@ class BackfillSummary:
             "elapsed_seconds": round(self.elapsed_seconds, 3),
             "runs_per_second": round(self.runs_per_second, 1),
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+            "model_id": self.model_id,
+            "encoder": self.encoder,
+            "fitted_now": self.fitted,
+            "unseen_config_paths": self.unseen_config_paths,
         }
 
 
@@ -150,9 +159,15 @@ def backfill(
     model_id: str = DEFAULT_MODEL_ID,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     on_progress: Callable[[int, int | None], None] | None = None,
+    weights_given: bool = False,
+    encoder: Encoder | None = None,
 ) -> BackfillSummary:
     """Embed the selected runs and write them; see the module docstring.
 
+    ``model_id``: a registered model embeds with its own encoder and weights
+    (``weights_given`` is then a usage error), any other id with v1 and
+    ``weights``; the built-in v2 id is fitted on the selection on first use
+    (``models.encoder_for``). ``encoder``: use this one instead.
     ``on_progress(runs_done, runs_total)`` is called after each batch is
     written (only then are the selected runs counted first).
     """
@@ -160,6 +175,13 @@ def backfill(
     _tune_malloc()
     summary = BackfillSummary()
     started = time.perf_counter()
+    if encoder is None:
+        from .models import encoder_for
+
+        encoder, fitted = encoder_for(runtime_url, historical_url, model_id, weights, weights_given, selection)
+        summary.fitted = fitted.as_dict() if fitted else None
+    model_id = encoder.model_id
+    summary.model_id, summary.encoder = model_id, encoder.kind
     reader_store = open_store(runtime_url)
     writer_store = None
     con = _one_thread_duckdb()
@@ -186,7 +208,7 @@ def backfill(
             try:
                 for runs in batches:
                     t0 = time.perf_counter()
-                    prepared = prepare_runs(runs, prepare_con, shapes)
+                    prepared = encoder.prepare(runs, prepare_con, shapes)
                     reader_seconds["unnest"] += time.perf_counter() - t0
                     yield prepared
             finally:
@@ -240,7 +262,7 @@ def backfill(
 
         for item in consume(read_queue):
             buffer = buffers.take()
-            batch: EmbeddedBatch = embed_batch(item, weights, model_id, con, shapes, buffer)
+            batch: EmbeddedBatch = encoder.embed(item, con, shapes, buffer)
             for stage, seconds in batch.seconds.items():
                 summary.stage_seconds[stage] += seconds
             summary.runs_read += item.runs.num_rows
@@ -272,6 +294,7 @@ def backfill(
             writer_store.close()
     for stage, seconds in reader_seconds.items():
         summary.stage_seconds[stage] += seconds
+    summary.unseen_config_paths = sorted(getattr(encoder, "unseen_config_paths", ()))
     summary.elapsed_seconds = time.perf_counter() - started
     return summary
 

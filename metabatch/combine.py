@@ -15,7 +15,7 @@ from .encode import DIM, Branch
 
 BRANCH_NAMES = ("config", "env", "outcome")
 # the source tag for every set of branches taken, indexed by bit mask
-_SOURCE_TAGS = np.array(
+SOURCE_TAGS = np.array(
     ["+".join(name for i, name in enumerate(BRANCH_NAMES) if mask >> i & 1) for mask in range(8)],
     dtype=object,
 )
@@ -81,4 +81,4 @@ def combine(branches: dict[str, Branch], weights: dict[str, float], out: np.ndar
             )
         else:
             reasons[row] = "the weighted sum overflows float32; the vector would not be finite"
-    return Combined(acc, _SOURCE_TAGS[taken_mask], skipped, nonfinite, reasons)
+    return Combined(acc, SOURCE_TAGS[taken_mask], skipped, nonfinite, reasons)

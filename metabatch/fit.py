@@ -41,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .embed import _top_level_objects
+from .encoders.base import split_top_level
 from .encoders.v2 import (
     SLICES,
     NumberModel,
@@ -142,14 +142,16 @@ def fit_model(
     ``fitted_runs``: how many runs the sample was drawn from."""
     con = con or duckdb.connect()
     n = sample.num_rows
-    config, _ = _top_level_objects(con, sample.column("config_json").combine_chunks(), "config_json")
-    metrics, _ = _top_level_objects(con, sample.column("metrics_json").combine_chunks(), "metrics_json")
+    config, _ = split_top_level(con, sample.column("config_json").combine_chunks(), "config_json")
+    metrics, _ = split_top_level(con, sample.column("metrics_json").combine_chunks(), "metrics_json")
     config_values = by_path(collect_config(con, config)) if n else {}
     metric_values = by_path(collect_metrics(con, metrics)) if n else {}
 
     config_paths: dict[str, PathModel] = {}
+    ignored = 0
     for path, values in sorted(config_values.items()):
         if matches(path, spec.ignore):
+            ignored += 1
             continue
         branch = "env" if matches(path, spec.env) else "config"
         config_paths[path] = _path_model(branch, values, n, options)
@@ -164,6 +166,7 @@ def fit_model(
         patterns={"ignore": list(spec.ignore), "env": list(spec.env), "env_metrics": list(spec.env_metrics)},
         fitted_runs=n if fitted_runs is None else fitted_runs,
         sample_runs=n,
+        ignored_paths=ignored,
     )
     if options.weigh_config == "clusters" or options.weigh_outcome:
         _fit_weights(model, config_values, metric_values, n, con, options)

@@ -44,6 +44,7 @@ comes in, the batch size and the store change nothing, bit for bit.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import duckdb
@@ -51,8 +52,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..combine import SOURCE_TAGS
 from ..modelfile import BRANCHES
-from ..unnest import PathLeaves
+from ..unnest import PathLeaves, RootParse, ShapeCache, TextFacts, collect_config, collect_metrics, parse_config, text_facts
+from .base import EmbeddedBatch, embedding_rows, split_top_level
 from ..unnest.paths import _text
 
 DIM = 384
@@ -145,6 +148,7 @@ class V2Model:
     patterns: dict[str, list[str]]
     fitted_runs: int = 0
     sample_runs: int = 0
+    ignored_paths: int = 0  # config paths of the sample that ``ignore`` matched
     slices: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(SLICES))
     _slots: dict[str, tuple[int, float]] = field(default_factory=dict, repr=False)
 
@@ -176,6 +180,7 @@ class V2Model:
             "patterns": self.patterns,
             "fitted_runs": self.fitted_runs,
             "sample_runs": self.sample_runs,
+            "ignored_paths": self.ignored_paths,
             "config_paths": {p: path(m) for p, m in sorted(self.config_paths.items())},
             "metric_paths": {p: path(m) for p, m in sorted(self.metric_paths.items())},
         }
@@ -200,6 +205,7 @@ class V2Model:
             patterns={k: list(v) for k, v in params["patterns"].items()},
             fitted_runs=int(params["fitted_runs"]),
             sample_runs=int(params["sample_runs"]),
+            ignored_paths=int(params.get("ignored_paths", 0)),
             slices={b: (int(v[0]), int(v[1])) for b, v in params["slices"].items()},
         )
 
@@ -447,3 +453,56 @@ def _vectors(model: V2Model, features: _Features, n: int, unseen: set[str]) -> E
             scale = np.where(has, math.sqrt(weight / total) / np.where(has, norm, 1.0), 0.0)
             out[:, start:stop] = (block * scale[:, None]).astype(np.float32)
     return Encoded(out, present, unseen)
+
+
+# --------------------------------------------------------------------------
+# The encoder backfill drives
+
+
+@dataclass
+class PreparedV2:
+    """A batch with its reader-thread work done: the top-level split, the
+    configs' text facts and first parse, the metrics' leaves."""
+
+    runs: pa.Table
+    config: pa.Array
+    bad_reason: np.ndarray
+    config_facts: TextFacts
+    config_parsed: RootParse | None
+    metrics: PathLeaves
+
+
+@dataclass
+class V2Encoder:
+    model: V2Model
+    model_id: str
+    kind: str = "v2"
+    unseen_config_paths: set[str] = field(default_factory=set)  # over the job, for its summary
+
+    def prepare(self, runs: pa.Table, con: duckdb.DuckDBPyConnection, cache: ShapeCache | None) -> PreparedV2:
+        config, config_bad = split_top_level(con, runs.column("config_json").combine_chunks(), "config_json")
+        metrics, metrics_bad = split_top_level(con, runs.column("metrics_json").combine_chunks(), "metrics_json")
+        bad = np.where(config_bad != None, config_bad, metrics_bad)  # noqa: E711 (elementwise)
+        parsed = parse_config(con, config, cache) if cache is not None else None
+        metric_leaves = collect_metrics(con, metrics, cache, text_facts(metrics))
+        return PreparedV2(runs, config, bad, text_facts(config), parsed, metric_leaves)
+
+    def embed(self, prepared, con, cache: ShapeCache | None = None, vectors_out: np.ndarray | None = None) -> EmbeddedBatch:
+        t0 = time.perf_counter()
+        if not isinstance(prepared, PreparedV2):
+            prepared = self.prepare(prepared, con, cache)
+        n = prepared.runs.num_rows
+        config = collect_config(con, prepared.config, cache, prepared.config_facts, prepared.config_parsed)
+        t1 = time.perf_counter()
+        encoded = encode(self.model, config, prepared.metrics, n, con)
+        self.unseen_config_paths |= encoded.unseen_config_paths
+        if vectors_out is not None:
+            vectors_out[:n] = encoded.vectors
+            vectors = vectors_out[:n]
+        else:
+            vectors = encoded.vectors
+        mask = sum(encoded.present[b].astype(np.int64) << i for i, b in enumerate(BRANCHES))
+        t2 = time.perf_counter()
+        rows, skipped, rejected = embedding_rows(prepared.runs, vectors, SOURCE_TAGS[mask], mask == 0, prepared.bad_reason, self.model_id)
+        t3 = time.perf_counter()
+        return EmbeddedBatch(rows, skipped, rejected, {"unnest": t1 - t0, "encode": t2 - t1, "combine": t3 - t2})

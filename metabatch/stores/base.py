@@ -7,12 +7,13 @@ A store reads ``backtest_runs`` in Arrow batches and replaces rows of
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
 import pyarrow as pa
 
-from ..errors import MissingTable
+from ..errors import MetabatchError, MissingTable
 from ..urls import DatabaseURL
 
 # Columns of backtest_runs the pipeline reads, JSON as text.
@@ -30,10 +31,15 @@ RUN_DETAIL_COLUMNS = (
 )
 
 
+# Columns of joint_models (the registry of fitted models), as read_model returns them.
+MODEL_COLUMNS = ("model_id", "encoder", "model_file", "params", "fitted_runs", "selection", "fitted_at", "content_hash")
+
+
 # Columns a table must have for metabatch to use it (it may have more).
 REQUIRED_COLUMNS = {
     "backtest_runs": ("run_id", "strategy_id", "config_json", "end_date", "universe_id", "metrics_json"),
     "joint_embeddings": ("joint_id", "joint_type", "as_of_date", "entity_scope", "model_id", "vector"),
+    "joint_models": MODEL_COLUMNS,
 }
 
 
@@ -47,6 +53,33 @@ def require_columns(url: DatabaseURL, table: str, columns: set[str]) -> None:
             f"table `{table}` in `{url.redacted}` lacks column(s) {', '.join(missing)}",
             "it was not made by metabatch; add the columns or use another database",
         )
+
+
+class ModelExists(MetabatchError):
+    """``save_model`` of a model id that is registered already (without replace)."""
+
+    def __init__(self, model_id: str):
+        super().__init__(f"model `{model_id}` is already registered in joint_models", "pass --refit to replace it")
+        self.model_id = model_id
+
+
+def model_params(row: dict) -> tuple:
+    """The INSERT parameters of a joint_models row (JSON columns as text)."""
+    return (
+        row["model_id"], row["encoder"], row["model_file"], json.dumps(row["params"], sort_keys=True),
+        int(row["fitted_runs"]), json.dumps(row["selection"], sort_keys=True), row["content_hash"],
+    )
+
+
+def model_row(values) -> dict:
+    """A joint_models row as read (MODEL_COLUMNS order, JSON as text; an optional
+    ninth value is the params' size in bytes) as a dict with the JSON parsed."""
+    row = dict(zip(MODEL_COLUMNS, values))
+    row["params"] = json.loads(row["params"]) if row["params"] is not None else None
+    row["selection"] = json.loads(row["selection"])
+    if len(values) > len(MODEL_COLUMNS):
+        row["params_bytes"] = int(values[len(MODEL_COLUMNS)])
+    return row
 
 
 @dataclass(frozen=True)
@@ -101,5 +134,22 @@ class Store(Protocol):
     def stream_run_details(self, selection: RunSelection) -> Iterator[pa.RecordBatch]:
         """backtest_runs rows (RUN_DETAIL_COLUMNS, JSON as text) of the selection,
         metrics NULL or not, ignoring ``limit``; streamed."""
+
+    def read_model(self, model_id: str) -> dict | None:
+        """The joint_models row of ``model_id`` (MODEL_COLUMNS; params and selection
+        parsed from JSON), or None when it is not registered or there is no registry."""
+
+    def list_models(self) -> list[dict]:
+        """Every joint_models row but its params (MODEL_COLUMNS without params, plus
+        ``params_bytes``), by model_id; [] when there is no registry."""
+
+    def save_model(self, row: dict, joint_type: str, replace: bool) -> int:
+        """In one transaction: register ``row`` (MODEL_COLUMNS but fitted_at); with
+        ``replace``, first delete the model id's row and its ``joint_type``
+        embeddings. Returns the embeddings deleted. MetabatchError when the id is
+        registered and not ``replace``."""
+
+    def count_embeddings(self, joint_type: str, model_id: str) -> int:
+        """How many joint_embeddings rows the model id has."""
 
     def close(self) -> None: ...

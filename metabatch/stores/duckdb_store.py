@@ -55,7 +55,7 @@ import pyarrow.compute as pc
 from ..errors import MetabatchError, MissingTable, StoreUnreachable
 from ..resources import resource_dir
 from ..urls import DatabaseURL
-from .base import EmbeddingFilter, RunSelection, require_columns
+from .base import EmbeddingFilter, ModelExists, RunSelection, model_params, model_row, require_columns
 
 _INSERTABLE_RUN_COLUMNS = (
     "run_id", "strategy_id", "config_json", "start_date", "end_date", "universe_id", "metrics_json", "created_at",
@@ -227,18 +227,21 @@ class DuckDBStore:
 
     def check_table(self, table: str) -> None:
         """MissingTable unless ``table`` exists with the columns metabatch uses."""
-        rows = self.conn.sql(
-            "SELECT column_name FROM information_schema.columns"
-            " WHERE table_catalog = current_database() AND table_schema = current_schema() AND table_name = ?",
-            params=[table],
-        ).fetchall()
-        columns = {row[0] for row in rows}
+        columns = self._columns(table)
         if not columns and self._root.created and self._no_tables():
             raise MissingTable(
                 f"`{self.url.redacted}` does not exist (no such DuckDB file)",
                 "check the path, or create the tables with `metabatch migrate`; `metabatch demo` makes a sample file",
             )
         require_columns(self.url, table, columns)
+
+    def _columns(self, table: str) -> set[str]:
+        rows = self.conn.sql(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_catalog = current_database() AND table_schema = current_schema() AND table_name = ?",
+            params=[table],
+        ).fetchall()
+        return {row[0] for row in rows}
 
     def _no_tables(self) -> bool:
         (count,) = self.conn.sql("SELECT count(*) FROM duckdb_tables() WHERE NOT temporary").fetchall()[0]
@@ -429,6 +432,68 @@ class DuckDBStore:
             query += " ORDER BY as_of_date, joint_id LIMIT ?"
             params.append(int(extra["limit"]))
         return self._stream(query, params)
+
+    # -- the model registry
+
+    def read_model(self, model_id: str) -> dict | None:
+        if not self._columns("joint_models"):
+            return None
+        self.check_table("joint_models")
+        found = self.conn.sql(
+            "SELECT model_id, encoder, model_file, CAST(params AS VARCHAR), fitted_runs, CAST(selection AS VARCHAR),"
+            " fitted_at, content_hash FROM joint_models WHERE model_id = ?",
+            params=[model_id],
+        ).fetchall()
+        return model_row(found[0]) if found else None
+
+    def list_models(self) -> list[dict]:
+        if not self._columns("joint_models"):
+            return []
+        self.check_table("joint_models")
+        found = self.conn.sql(
+            "SELECT model_id, encoder, model_file, NULL, fitted_runs, CAST(selection AS VARCHAR), fitted_at,"
+            " content_hash, octet_length(encode(CAST(params AS VARCHAR))) FROM joint_models ORDER BY model_id"
+        ).fetchall()
+        return [model_row(row) for row in found]
+
+    def save_model(self, row: dict, joint_type: str, replace: bool) -> int:
+        if self.read_only:
+            raise StoreUnreachable(f"`{self.url.redacted}` is open read-only", "registering a model needs a writable file")
+        self.check_table("joint_models")
+        cur = self.conn
+        with self._root.write_lock:
+            try:
+                cur.begin()
+                try:
+                    deleted = 0
+                    if replace:
+                        (deleted,) = cur.sql(
+                            "DELETE FROM joint_embeddings WHERE joint_type = ? AND model_id = ?",
+                            params=[joint_type, row["model_id"]],
+                        ).fetchall()[0]
+                        cur.sql("DELETE FROM joint_models WHERE model_id = ?", params=[row["model_id"]])
+                    (exists,) = cur.sql("SELECT count(*) FROM joint_models WHERE model_id = ?", params=[row["model_id"]]).fetchall()[0]
+                    if exists:
+                        raise ModelExists(row["model_id"])
+                    cur.sql(
+                        "INSERT INTO joint_models (model_id, encoder, model_file, params, fitted_runs, selection, content_hash)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        params=list(model_params(row)),
+                    )
+                    cur.commit()
+                except BaseException:
+                    cur.rollback()
+                    raise
+            except duckdb.Error as exc:
+                raise self._error("registering the model", exc) from None
+        return int(deleted)
+
+    def count_embeddings(self, joint_type: str, model_id: str) -> int:
+        self.check_table("joint_embeddings")
+        (count,) = self.conn.sql(
+            "SELECT count(*) FROM joint_embeddings WHERE joint_type = ? AND model_id = ?", params=[joint_type, model_id]
+        ).fetchall()[0]
+        return int(count)
 
     def close(self) -> None:
         if self._closed:

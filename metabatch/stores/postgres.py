@@ -21,7 +21,17 @@ import pyarrow.compute as pc
 from ..errors import StoreUnreachable
 from ..resources import resource_dir
 from ..urls import DatabaseURL
-from .base import EMBEDDING_READ_COLUMNS, RUN_COLUMNS, RUN_DETAIL_COLUMNS, EmbeddingFilter, RunSelection, require_columns
+from .base import (
+    EMBEDDING_READ_COLUMNS,
+    RUN_COLUMNS,
+    RUN_DETAIL_COLUMNS,
+    EmbeddingFilter,
+    ModelExists,
+    RunSelection,
+    model_params,
+    model_row,
+    require_columns,
+)
 
 # Bytes per record batch that ADBC hands over while streaming. The runs come in
 # smaller record batches: a backfill's first (small) batch is not held back
@@ -114,6 +124,9 @@ class PostgresStore:
 
     def check_table(self, table: str) -> None:
         """MissingTable unless ``table`` exists with the columns metabatch uses."""
+        require_columns(self.url, table, self._columns(table))
+
+    def _columns(self, table: str) -> set[str]:
         with self.conn.cursor() as cur:
             cur.execute(
                 "SELECT column_name FROM information_schema.columns"
@@ -122,7 +135,7 @@ class PostgresStore:
             )
             columns = {row[0] for row in cur.fetchall()}
         self.conn.commit()
-        require_columns(self.url, table, columns)
+        return columns
 
     # -- runs
 
@@ -317,6 +330,69 @@ class PostgresStore:
         if where:
             query += " WHERE " + " AND ".join(where)
         return self._stream(query, RUN_DETAIL_COLUMNS)
+
+    # -- the model registry
+
+    def read_model(self, model_id: str) -> dict | None:
+        if not self._columns("joint_models"):
+            return None
+        self.check_table("joint_models")
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT model_id, encoder, model_file, params::text, fitted_runs, selection::text, fitted_at, content_hash"
+                " FROM joint_models WHERE model_id = $1",
+                (model_id,),
+            )
+            found = cur.fetchall()
+        self.conn.commit()
+        return model_row(found[0]) if found else None
+
+    def list_models(self) -> list[dict]:
+        if not self._columns("joint_models"):
+            return []
+        self.check_table("joint_models")
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT model_id, encoder, model_file, NULL, fitted_runs, selection::text, fitted_at, content_hash,"
+                " octet_length(params::text) FROM joint_models ORDER BY model_id"
+            )
+            found = cur.fetchall()
+        self.conn.commit()
+        return [model_row(row) for row in found]
+
+    def save_model(self, row: dict, joint_type: str, replace: bool) -> int:
+        self.check_table("joint_models")
+        try:
+            with self.conn.cursor() as cur:
+                # the backfills of the model id take the same lock: none writes while it is refitted
+                cur.execute("SELECT pg_advisory_xact_lock(hashtext($1))", (f"metabatch:{joint_type}:{row['model_id']}",))
+                cur.fetchall()
+                deleted = 0
+                if replace:
+                    cur.execute("DELETE FROM joint_embeddings WHERE joint_type = $1 AND model_id = $2", (joint_type, row["model_id"]))
+                    deleted = max(cur.rowcount, 0)
+                    cur.execute("DELETE FROM joint_models WHERE model_id = $1", (row["model_id"],))
+                cur.execute("SELECT count(*) FROM joint_models WHERE model_id = $1", (row["model_id"],))
+                if cur.fetchall()[0][0]:
+                    raise ModelExists(row["model_id"])
+                cur.execute(
+                    "INSERT INTO joint_models (model_id, encoder, model_file, params, fitted_runs, selection, content_hash)"
+                    " VALUES ($1, $2, $3, $4::jsonb, $5, $6::jsonb, $7)",
+                    model_params(row),
+                )
+            self.conn.commit()
+            return deleted
+        except BaseException:
+            self.conn.rollback()
+            raise
+
+    def count_embeddings(self, joint_type: str, model_id: str) -> int:
+        self.check_table("joint_embeddings")
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM joint_embeddings WHERE joint_type = $1 AND model_id = $2", (joint_type, model_id))
+            (count,) = cur.fetchall()[0]
+        self.conn.commit()
+        return int(count)
 
     def close(self) -> None:
         try:
