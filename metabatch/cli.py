@@ -84,6 +84,44 @@ def database_options(func):
     return wrapper
 
 
+def snapshot_option(func):
+    """--snapshot DIR: read a Parquet snapshot instead of the historical database."""
+    return click.option(
+        "--snapshot",
+        type=click.Path(file_okay=False, path_type=str),
+        metavar="DIR",
+        help="Read this snapshot (from `metabatch export-parquet`) instead of the historical database.",
+    )(func)
+
+
+def format_option(default: str | None = "csv", choices=("csv", "table", "json")):
+    """--format: how a result is printed."""
+
+    def decorate(func):
+        return click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(list(choices)),
+            default=default,
+            show_default=default is not None,
+            help="csv (header, empty fields for NULL), table (aligned, for a terminal) or json (an array of objects).",
+        )(func)
+
+    return decorate
+
+
+def echo_warnings(call):
+    """Run call(); print the warnings it raised as one line each on stderr."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    for warning in caught:
+        click.echo(f"Warning: {warning.message}", err=True)
+    return result
+
+
 def progress_reporter(quiet: bool, label: str):
     """A callback (done, total) drawing a progress bar on a terminal, else nothing."""
     if quiet or not sys.stderr.isatty():
@@ -201,109 +239,219 @@ def seed(urls, n_runs, seed, quiet):
     click.echo(f"seeded {inserted} new runs ({n_runs - inserted} already there) into {urls.runtime}")
 
 
+def selection_options(func):
+    """--strategy-id / --start / --end / --limit: which runs a job reads (the spec's rules)."""
+    func = click.option("--limit", type=click.IntRange(min=0), help="Only the first N runs by end_date DESC, run_id DESC.")(func)
+    func = click.option("--end", type=DATE, help="Only runs with end_date <= this date.")(func)
+    func = click.option("--start", type=DATE, help="Only runs with end_date >= this date.")(func)
+    return click.option("--strategy-id", "strategy_ids", multiple=True, metavar="ID", help="Only runs of this strategy (repeatable).")(func)
+
+
+def _selection(strategy_ids, start, end, limit):
+    from .stores.base import RunSelection
+
+    if start and end and start > end:
+        raise click.UsageError(f"--start {start} is after --end {end}")
+    return RunSelection(tuple(strategy_ids), start, end, limit)
+
+
+def _model_id(value: str, option: str = "--joint-model-id") -> str:
+    if not value or len(value) > 64:
+        raise click.UsageError(f"{option} must be 1 to 64 characters")
+    return value
+
+
 @main.command()
 @database_options
-@click.option("--strategy-id", "strategy_ids", multiple=True, metavar="ID", help="Only runs of this strategy (repeatable).")
-@click.option("--start", type=DATE, help="Only runs with end_date >= this date.")
-@click.option("--end", type=DATE, help="Only runs with end_date <= this date.")
-@click.option("--limit", type=click.IntRange(min=0), help="Only the first N runs by end_date DESC, run_id DESC.")
-@click.option("--w-config", type=WEIGHT, default=1.0, show_default=True, help="Weight of the config branch.")
-@click.option("--w-env", type=WEIGHT, default=1.0, show_default=True, help="Weight of the env branch.")
-@click.option("--w-outcome", type=WEIGHT, default=1.0, show_default=True, help="Weight of the outcome branch.")
-@click.option("--joint-model-id", default="joint-meta-config-env-v1", show_default=True, help="model_id tag of the rows written.")
+@selection_options
+@click.option("--w-config", type=WEIGHT, default=1.0, show_default=True, help="Weight of the config branch (v1 model ids only).")
+@click.option("--w-env", type=WEIGHT, default=1.0, show_default=True, help="Weight of the env branch (v1 model ids only).")
+@click.option("--w-outcome", type=WEIGHT, default=1.0, show_default=True, help="Weight of the outcome branch (v1 model ids only).")
+@click.option(
+    "--joint-model-id", default="joint-meta-config-env-v1", show_default=True,
+    help="model_id of the rows written: a model registered by `metabatch fit` embeds with it; any other id is v1; "
+    "joint-meta-config-env-v2 is fitted with the defaults on first use.",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=25_000, show_default=True, help="Runs per batch (and per transaction).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def backfill(urls, strategy_ids, start, end, limit, w_config, w_env, w_outcome, joint_model_id, batch_size, quiet, as_json):
+@click.pass_context
+def backfill(ctx, urls, strategy_ids, start, end, limit, w_config, w_env, w_outcome, joint_model_id, batch_size, quiet, as_json):
     """Embed backtest_runs into joint_embeddings (idempotent, batch by batch).
 
     Reruns replace the rows of the runs they write, so running the same
-    backfill twice leaves one row per run and model.
+    backfill twice leaves one row per run and model. A model id registered by
+    `metabatch fit` embeds with its fitted encoder (its weights are part of
+    it); any other id embeds with v1, bit-exact with the spec.
 
     \b
     Example:
       metabatch backfill --strategy-id US_EQ_CORE_LONG_EQ --start 2025-01-01 \\
           --end 2025-12-31 --limit 200 --w-config 1.0 --w-env 1.0 --w-outcome 1.0 \\
           --joint-model-id joint-meta-config-env-v1
+      metabatch backfill --joint-model-id my-v2        # a model fitted with `metabatch fit`
     """
     from .backfill import backfill as run_backfill
     from .embed import Weights
-    from .stores.base import RunSelection
 
     if not (w_config > 0 or w_env > 0 or w_outcome > 0):
         raise click.UsageError("at least one of --w-config, --w-env, --w-outcome must be > 0")
-    if start and end and start > end:
-        raise click.UsageError(f"--start {start} is after --end {end}")
-    if not joint_model_id or len(joint_model_id) > 64:
-        raise click.UsageError("--joint-model-id must be 1 to 64 characters")
+    selection = _selection(strategy_ids, start, end, limit)
+    _model_id(joint_model_id)
+    weights_given = any(
+        ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT for name in ("w_config", "w_env", "w_outcome")
+    )
     report, finish = progress_reporter(quiet or as_json, "backfill")
     try:
         summary = run_backfill(
             urls.runtime,
             urls.historical,
-            RunSelection(tuple(strategy_ids), start, end, limit),
+            selection,
             Weights(w_config, w_env, w_outcome),
             joint_model_id,
             batch_size,
             on_progress=report,
+            weights_given=weights_given,
         )
     finally:
         finish()
     if as_json:
         click.echo(json.dumps(summary.as_dict()))
         return
+    if summary.fitted:
+        f = summary.fitted
+        click.echo(
+            f"model {summary.model_id} was not fitted yet: fitted now with the defaults on {f['runs_read']:,} runs"
+            f" (sample {f['sample_runs']:,}) in {f['seconds']:.1f}s; later backfills reuse it"
+        )
     click.echo(
-        f"runs read {summary.runs_read}, written {summary.written}, skipped {summary.skipped} (no branch taken), "
-        f"rejected {len(summary.rejected)}"
+        f"model {summary.model_id} ({summary.encoder}): runs read {summary.runs_read}, written {summary.written}, "
+        f"skipped {summary.skipped} (no branch taken), rejected {len(summary.rejected)}"
     )
     for run_id, reason in summary.rejected[:10]:
         click.echo(f"  rejected {run_id}: {reason}")
     if len(summary.rejected) > 10:
         click.echo(f"  ... and {len(summary.rejected) - 10} more (--json lists them all)")
+    if summary.unseen_config_paths:
+        shown = ", ".join(summary.unseen_config_paths[:5]) + (" ..." if len(summary.unseen_config_paths) > 5 else "")
+        click.echo(
+            f"  {len(summary.unseen_config_paths)} config path(s) the fit never saw gave nothing: {shown}"
+            " (fit a new model id, or --refit, to learn them)"
+        )
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in summary.stage_seconds.items())
     click.echo(f"{summary.elapsed_seconds:.2f}s, {summary.runs_per_second:,.0f} runs/s ({stages})")
 
 
+@main.command()
+@database_options
+@selection_options
+@click.option("--joint-model-id", default="joint-meta-config-env-v2", show_default=True, help="The id to register the fitted model as.")
+@click.option(
+    "--model-file", type=click.Path(dir_okay=False, path_type=str), metavar="FILE.toml",
+    help="The model file (TOML; every key optional; see README). Default: the defaults.",
+)
+@click.option("--refit", is_flag=True, help="Replace a model already fitted under this id and delete its embeddings.")
+@click.option("--sample-runs", type=click.IntRange(min=100), default=20_000, show_default=True, help="Runs in the fit's sample.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=25_000, show_default=True, help="Runs read per batch.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def fit(urls, strategy_ids, start, end, limit, joint_model_id, model_file, refit, sample_runs, batch_size, quiet, as_json):
+    """Fit a v2 model on the selected runs and register it in joint_models.
+
+    Streams the runs (bounded memory), draws a sample of up to --sample-runs
+    of them (the smallest MD5 of run_id: the same runs whatever their order),
+    fits per-path statistics and weights on it, and registers the model under
+    --joint-model-id in the historical database. Backfills with that id then
+    embed with it, and runs added later land in the same space. A fitted id is
+    never changed: fitting it again fails unless --refit, which replaces it
+    and deletes its embeddings in the same transaction.
+
+    \b
+    Example:
+      metabatch fit --joint-model-id my-v2 --model-file model.toml
+      metabatch backfill --joint-model-id my-v2
+    """
+    from .modelfile import ModelSpec, load_model_file
+    from .models import fit as run_fit
+
+    selection = _selection(strategy_ids, start, end, limit)
+    spec = load_model_file(model_file) if model_file else ModelSpec()
+    report, finish = progress_reporter(quiet or as_json, "fit")
+    try:
+        summary = run_fit(
+            urls.runtime, urls.historical, _model_id(joint_model_id), spec, selection,
+            refit=refit, batch_rows=batch_size, sample_runs=sample_runs, on_progress=report,
+        )
+    finally:
+        finish()
+    if as_json:
+        click.echo(json.dumps(summary.as_dict()))
+        return
+    if summary.encoder == "v1":
+        click.echo(f"registered {summary.model_id} (v1 with the model file's weights)")
+    else:
+        paths = ", ".join(f"{n} {b}" for b, n in summary.paths.items())
+        click.echo(
+            f"fitted {summary.model_id} (v2) on {summary.runs_read:,} runs (sample {summary.sample_runs:,}):"
+            f" paths {paths}" + (f", {summary.ignored_paths} ignored" if summary.ignored_paths else "")
+        )
+    if summary.refit:
+        click.echo(f"  refit: the old parameters were replaced and its {summary.embeddings_deleted:,} embeddings deleted")
+    click.echo(f"  hash {summary.content_hash[:16]}, {summary.seconds:.2f}s; next: metabatch backfill --joint-model-id {summary.model_id}")
+
+
+@main.command()
+@database_options
+@format_option(default="table", choices=("table", "csv", "json"))
+def models(urls, fmt):
+    """List the models registered in the historical database (joint_models).
+
+    For each: its id, encoder, the runs and selection it was fitted on, when,
+    and its content hash. A model id not listed embeds as v1.
+
+    \b
+    Example:
+      metabatch models
+      metabatch models --format json
+    """
+    import polars as pl
+
+    from .models import list_models
+    from .query import format_frame
+
+    rows = list_models(urls.historical)
+    frame = pl.DataFrame(
+        {
+            "model_id": [r["model_id"] for r in rows],
+            "encoder": [r["encoder"] for r in rows],
+            "fitted_runs": [r["fitted_runs"] for r in rows],
+            "selection": [_selection_text(r["selection"]) for r in rows],
+            "fitted_at": [r["fitted_at"].isoformat(sep=" ", timespec="seconds") if r["fitted_at"] else None for r in rows],
+            "content_hash": [r["content_hash"] if fmt != "table" else r["content_hash"][:16] for r in rows],
+        },
+        schema={"model_id": pl.String, "encoder": pl.String, "fitted_runs": pl.Int64, "selection": pl.String, "fitted_at": pl.String, "content_hash": pl.String},
+    )
+    if not rows and fmt == "table":
+        click.echo("no models registered (every model id embeds as v1); fit one with `metabatch fit --joint-model-id ID`")
+        return
+    click.echo(format_frame(frame, fmt), nl=False)
+
+
+def _selection_text(selection: dict) -> str:
+    parts = []
+    if selection.get("strategy_ids"):
+        parts.append("strategy " + ",".join(selection["strategy_ids"]))
+    if selection.get("start"):
+        parts.append(f"from {selection['start']}")
+    if selection.get("end"):
+        parts.append(f"to {selection['end']}")
+    if selection.get("limit") is not None:
+        parts.append(f"limit {selection['limit']}")
+    return "; ".join(parts) or "all runs"
+
+
 # --------------------------------------------------------------------------
 # export-parquet / show / similar / sql
-
-
-def snapshot_option(func):
-    """--snapshot DIR: read a Parquet snapshot instead of the historical database."""
-    return click.option(
-        "--snapshot",
-        type=click.Path(file_okay=False, path_type=str),
-        metavar="DIR",
-        help="Read this snapshot (from `metabatch export-parquet`) instead of the historical database.",
-    )(func)
-
-
-def format_option(default: str | None = "csv", choices=("csv", "table", "json")):
-    """--format: how a result is printed."""
-
-    def decorate(func):
-        return click.option(
-            "--format",
-            "fmt",
-            type=click.Choice(list(choices)),
-            default=default,
-            show_default=default is not None,
-            help="csv (header, empty fields for NULL), table (aligned, for a terminal) or json (an array of objects).",
-        )(func)
-
-    return decorate
-
-
-def echo_warnings(call):
-    """Run call(); print the warnings it raised as one line each on stderr."""
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = call()
-    for warning in caught:
-        click.echo(f"Warning: {warning.message}", err=True)
-    return result
 
 
 @main.command("export-parquet")
