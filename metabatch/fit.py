@@ -378,7 +378,7 @@ def _cluster_labels(model: V2Model, branch: str, leaves, n: int, con) -> np.ndar
     from sklearn.cluster import MiniBatchKMeans
 
     only = V2Model({b: float(b == branch) for b in SLICES}, model.config_paths, model.metric_paths, model.patterns)
-    encoded = encode(only, *leaves, n, con)
+    encoded = encode(only, *leaves, n)
     start, stop = SLICES[branch]
     held = encoded.present[branch]
     if held.sum() < 20:

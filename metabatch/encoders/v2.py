@@ -36,13 +36,15 @@ the (n, 384) float32 vectors and which branches each run has.
   (signed log1p, no knots) and weight 1, as every path of those branches is.
 
 A run's vector depends only on the model and the run: feature values are
-rounded to a fixed grid (2^-20) so that sums of them are exact whatever their
-order, and so are the norms (squares rounded to 2^-28), so the batch a run
-comes in, the batch size and the store change nothing, bit for bit.
+rounded to a fixed grid (multiples of 2^-16, at most 16 in size), so that
+their sums, squares and sums of squares are exact in float64 whatever their
+order: the batch a run comes in, the batch size and the store change nothing,
+bit for bit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -53,7 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..combine import SOURCE_TAGS
-from ..modelfile import BRANCHES
+from ..modelfile import BRANCHES, matches
 from ..unnest import PathLeaves, RootParse, ShapeCache, TextFacts, collect_config, collect_metrics, parse_config, text_facts
 from .base import EmbeddedBatch, embedding_rows, split_top_level
 from ..unnest.paths import _text
@@ -64,9 +66,8 @@ FORMAT = 1
 Z_CLIP = 4.0
 # within a path: the weight of the z-score beside the knots (which carry most of it)
 Z_SHARE = 0.5
-_GRID = 2.0**20  # feature values are multiples of 1/_GRID
-_SQUARE_GRID = 2.0**28
-_MAX_VALUE = 64.0  # |feature| bound: keeps every sum of features exact in float64
+_GRID = 2.0**16  # feature values are multiples of 1/_GRID ...
+_MAX_VALUE = 16.0  # ... and at most this in size: sums of squares stay exact in float64
 
 
 # --------------------------------------------------------------------------
@@ -84,15 +85,19 @@ class NumberModel:
     scale: float = 1.0
     knots: list[float] = field(default_factory=list)
 
+    signed_log: bool = False  # sign(x) * log1p(|x|) first: the defaults of a path never fitted
+
     def transform(self, x: np.ndarray) -> np.ndarray:
         if self.log:
             with np.errstate(divide="ignore", invalid="ignore"):
                 return np.log10(np.maximum(x, self.floor))
+        if self.signed_log:
+            return np.sign(x) * np.log1p(np.abs(x))
         return x
 
     @staticmethod
     def default() -> "NumberModel":
-        return NumberModel(weight=1.0, log=False, center=0.0, scale=1.0)
+        return NumberModel(weight=1.0, signed_log=True)
 
 
 @dataclass
@@ -151,6 +156,7 @@ class V2Model:
     ignored_paths: int = 0  # config paths of the sample that ``ignore`` matched
     slices: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(SLICES))
     _slots: dict[str, tuple[int, float]] = field(default_factory=dict, repr=False)
+    _defaults: dict[str, PathModel] = field(default_factory=dict, repr=False)  # metric keys never fitted
 
     # -- JSON form
 
@@ -158,7 +164,7 @@ class V2Model:
         def number(m: NumberModel | None):
             if m is None:
                 return None
-            return {"weight": m.weight, "log": m.log, "floor": m.floor, "center": m.center, "scale": m.scale, "knots": m.knots}
+            return {"weight": m.weight, "log": m.log, "floor": m.floor, "center": m.center, "scale": m.scale, "knots": m.knots, "signed_log": m.signed_log}
 
         def path(m: PathModel) -> dict:
             out = {"branch": m.branch, "present": m.present}
@@ -191,7 +197,7 @@ class V2Model:
             raise ValueError(f"not a v2 model of format {FORMAT}")
 
         def number(d):
-            return None if d is None else NumberModel(d["weight"], d["log"], d["floor"], d["center"], d["scale"], list(d["knots"]))
+            return None if d is None else NumberModel(d["weight"], d["log"], d["floor"], d["center"], d["scale"], list(d["knots"]), d.get("signed_log", False))
 
         def path(d) -> PathModel:
             s = d.get("string")
@@ -217,36 +223,25 @@ class V2Model:
 
     def metric_model(self, key: str) -> PathModel | None:
         """The model of a metric key; an unseen one gets defaults in its branch."""
-        model = self.metric_paths.get(key)
+        model = self.metric_paths.get(key) or self._defaults.get(key)
         if model is None:
-            from ..modelfile import matches
-
             branch = "env" if matches(key, tuple(self.patterns.get("env_metrics", ()))) else "outcome"
-            model = PathModel(branch, present=1.0, number=NumberModel.default())
-            self.metric_paths[key] = model  # the defaults, once per key
+            model = self._defaults[key] = PathModel(branch, present=1.0, number=NumberModel.default())
         return model
 
-    def slot_of(self, names: list[str], con: duckdb.DuckDBPyConnection) -> list[tuple[int, float]]:
-        """(slot within the branch slice before the modulo, sign) for feature names, cached."""
-        missing = [name for name in dict.fromkeys(names) if name not in self._slots]
-        if missing:
-            if len(self._slots) > 2_000_000:  # new string values keep coming: bound the cache
-                self._slots.clear()
-            hashes = _md5_upper(con, missing)
-            for name, h in zip(missing, hashes.tolist()):
-                self._slots[name] = (h & 0x7FFFFFFFFFFFFFFF, -1.0 if h >> 63 else 1.0)
-        return [self._slots[name] for name in names]
-
-
-def _md5_upper(con: duckdb.DuckDBPyConnection, names: list[str]) -> np.ndarray:
-    """The upper 64 bits of each name's MD5 (UTF-8), as uint64."""
-    table = pa.table({"name": pa.array(names, pa.string())})
-    con.register("mb_feature_names", table)
-    try:
-        result = con.sql("SELECT md5_number_upper(name) AS h FROM mb_feature_names").to_arrow_table()
-    finally:
-        con.unregister("mb_feature_names")
-    return result.column("h").to_numpy().astype(np.uint64)
+    def slot_of(self, names: list[str]) -> list[tuple[int, float]]:
+        """(hash, sign) of feature names, cached: the first 8 bytes of the name's
+        MD5 (UTF-8) read big-endian; the top bit is the sign, the rest picks the slot."""
+        if len(self._slots) > 2_000_000:  # new string values keep coming: bound the cache
+            self._slots.clear()
+        out = []
+        for name in names:  # a loop over distinct feature names, cached across batches
+            slot = self._slots.get(name)
+            if slot is None:
+                h = int.from_bytes(hashlib.md5(name.encode("utf-8")).digest()[:8], "big")
+                slot = self._slots[name] = (h & 0x7FFFFFFFFFFFFFFF, -1.0 if h >> 63 else 1.0)
+            out.append(slot)
+        return out
 
 
 # --------------------------------------------------------------------------
@@ -339,21 +334,28 @@ class Encoded:
 class _Slicer:
     """Feature names -> slots of one branch's slice, with the model's cache."""
 
-    def __init__(self, model: V2Model, con: duckdb.DuckDBPyConnection):
-        self.model, self.con = model, con
+    def __init__(self, model: V2Model):
+        self.model = model
 
     def slots(self, branch: str, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
         start, stop = self.model.slices[branch]
-        pairs = self.model.slot_of(names, self.con)
+        pairs = self.model.slot_of(names)
         slots = np.array([start + h % (stop - start) for h, _ in pairs], np.int64)
         signs = np.array([s for _, s in pairs], np.float64)
         return slots, signs
 
 
-def encode(model: V2Model, config: PathLeaves, metrics: PathLeaves, n: int, con: duckdb.DuckDBPyConnection) -> Encoded:
-    """The vectors of a batch of n runs from its config and metrics leaves."""
+def encode(
+    model: V2Model,
+    config: PathLeaves,
+    metrics: PathLeaves,
+    n: int,
+    scratch: np.ndarray | None = None,
+) -> Encoded:
+    """The vectors of a batch of n runs from its config and metrics leaves.
+    ``scratch``: float64 memory of at least n * 384 to reuse (it is overwritten)."""
     features = _Features()
-    slicer = _Slicer(model, con)
+    slicer = _Slicer(model)
     unseen: set[str] = set()
     for path, values in by_path(config).items():
         path_model = model.config_model(path)
@@ -363,7 +365,7 @@ def encode(model: V2Model, config: PathLeaves, metrics: PathLeaves, n: int, con:
         _path_features(features, slicer, path, path_model, values, n)
     for key, values in by_path(metrics).items():
         _path_features(features, slicer, key, model.metric_model(key), values, n)
-    return _vectors(model, features, n, unseen)
+    return _vectors(model, features, n, unseen, scratch)
 
 
 def _path_features(features: _Features, slicer: _Slicer, path: str, m: PathModel, values: PathValues, n: int) -> None:
@@ -430,8 +432,12 @@ def _string_features(features, slicer, branch, path, m: StringModel, values: Pat
     features.add(rows, slot_of[codes], sign_of[codes] * factors[codes] / np.sqrt(size))
 
 
-def _vectors(model: V2Model, features: _Features, n: int, unseen: set[str]) -> Encoded:
-    acc = np.zeros(n * DIM, np.float64)
+def _vectors(model: V2Model, features: _Features, n: int, unseen: set[str], scratch: np.ndarray | None) -> Encoded:
+    if scratch is not None and scratch.size >= n * DIM:
+        acc = scratch.reshape(-1)[: n * DIM]
+        acc.fill(0)
+    else:
+        acc = np.zeros(n * DIM, np.float64)
     if features.rows:
         rows = np.concatenate(features.rows)
         flat = rows * DIM + np.concatenate(features.slots)
@@ -444,14 +450,13 @@ def _vectors(model: V2Model, features: _Features, n: int, unseen: set[str]) -> E
     for branch in BRANCHES:
         start, stop = model.slices[branch]
         block = acc[:, start:stop]
-        squares = np.round(block * block * _SQUARE_GRID) / _SQUARE_GRID
-        norm = np.sqrt(squares.sum(axis=1))  # exact sum of grid values: order-free
+        norm = np.sqrt(np.einsum("ij,ij->i", block, block))  # a sum of exact squares of grid values: exact
         weight = model.weights.get(branch, 0.0)
         has = (norm > 0) & (weight > 0)
         present[branch] = has
         if has.any():
             scale = np.where(has, math.sqrt(weight / total) / np.where(has, norm, 1.0), 0.0)
-            out[:, start:stop] = (block * scale[:, None]).astype(np.float32)
+            np.multiply(block, scale[:, None], out=out[:, start:stop], casting="same_kind")
     return Encoded(out, present, unseen)
 
 
@@ -478,6 +483,7 @@ class V2Encoder:
     model_id: str
     kind: str = "v2"
     unseen_config_paths: set[str] = field(default_factory=set)  # over the job, for its summary
+    _scratch: np.ndarray | None = field(default=None, repr=False)
 
     def prepare(self, runs: pa.Table, con: duckdb.DuckDBPyConnection, cache: ShapeCache | None) -> PreparedV2:
         config, config_bad = split_top_level(con, runs.column("config_json").combine_chunks(), "config_json")
@@ -494,7 +500,9 @@ class V2Encoder:
         n = prepared.runs.num_rows
         config = collect_config(con, prepared.config, cache, prepared.config_facts, prepared.config_parsed)
         t1 = time.perf_counter()
-        encoded = encode(self.model, config, prepared.metrics, n, con)
+        if self._scratch is None or self._scratch.size < n * DIM:
+            self._scratch = np.empty(n * DIM, np.float64)
+        encoded = encode(self.model, config, prepared.metrics, n, self._scratch)
         self.unseen_config_paths |= encoded.unseen_config_paths
         if vectors_out is not None:
             vectors_out[:n] = encoded.vectors

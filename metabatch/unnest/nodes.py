@@ -193,10 +193,14 @@ class _List(_Node):
         )
 
     def collect(self, sink, rows):
-        v = self.valid
-        if v.any():
-            lengths = np.bincount(self.parent, minlength=len(v))
-            sink.add_list(self.path.plain(), rows[v], lengths[v])
+        # a list's length counts the elements that give a leaf, and a list with
+        # none (empty, all null, all nested lists) is absent, as {} is: whether
+        # such a list gets a node at all depends on the structure a batch infers
+        giving = self.element.count > 0
+        lengths = np.bincount(self.parent[giving], minlength=len(self.valid))
+        held = self.valid & (lengths > 0)
+        if held.any():
+            sink.add_list(self.path.plain(), rows[held], lengths[held])
         if len(self.parent):
             self.element.collect(sink, rows[self.parent])
 
