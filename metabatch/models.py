@@ -24,7 +24,7 @@ from .embed import DEFAULT_MODEL_ID, JOINT_TYPE, Weights
 from .encoders.v1 import V1Encoder
 from .encoders.v2 import V2Encoder, V2Model
 from .errors import BadInput, MetabatchError
-from .fit import SAMPLE_RUNS, RunSample, fit_model
+from .fit import SAMPLE_RUNS, FitOptions, RunSample, fit_model
 from .modelfile import BRANCHES, ModelSpec, parse_model_file
 from .stores import open_store
 from .stores.base import RunSelection
@@ -144,9 +144,11 @@ def fit(
     batch_rows: int = 25_000,
     sample_runs: int = SAMPLE_RUNS,
     on_progress: Callable[[int, int | None], None] | None = None,
+    options: FitOptions = FitOptions(),
 ) -> FitSummary:
     """Fit ``spec`` (the defaults when None) on the selected runs and register it
-    as ``model_id``; see the module docstring."""
+    as ``model_id``; see the module docstring. ``options``: the fit's choices
+    (``fit.FitOptions``; the retrieval benchmark compares them)."""
     from .read import read_runs
 
     started = time.perf_counter()
@@ -188,7 +190,7 @@ def fit(
                 runs.close()
             if not sample.runs:
                 raise BadInput("no runs selected to fit on (runs need metrics_json; check --strategy-id, --start, --end)")
-            model = fit_model(sample.table(), spec, sample.runs)
+            model = fit_model(sample.table(), spec, sample.runs, options=options)
             params = model.params()
             summary.runs_read, summary.sample_runs, summary.ignored_paths = sample.runs, model.sample_runs, model.ignored_paths
             summary.paths = {b: sum(1 for m in {**model.config_paths, **model.metric_paths}.values() if m.branch == b) for b in BRANCHES}
