@@ -369,8 +369,12 @@ class PostgresStore:
                 cur.fetchall()
                 deleted = 0
                 if replace:
-                    cur.execute("DELETE FROM joint_embeddings WHERE joint_type = $1 AND model_id = $2", (joint_type, row["model_id"]))
-                    deleted = max(cur.rowcount, 0)
+                    cur.execute(
+                        "WITH gone AS (DELETE FROM joint_embeddings WHERE joint_type = $1 AND model_id = $2 RETURNING 1)"
+                        " SELECT count(*) FROM gone",
+                        (joint_type, row["model_id"]),
+                    )
+                    deleted = int(cur.fetchall()[0][0])
                     cur.execute("DELETE FROM joint_models WHERE model_id = $1", (row["model_id"],))
                 cur.execute("SELECT count(*) FROM joint_models WHERE model_id = $1", (row["model_id"],))
                 if cur.fetchall()[0][0]:
