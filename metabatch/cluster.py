@@ -1,0 +1,274 @@
+"""Cluster: runs grouped by behaviour, on one slice of a v2 model's space.
+
+``cluster_runs(model_id, on="config", k=40, snapshot=...)`` returns a
+``Clustering``: per run its cluster and distance to the centroid
+(``assignments``, Polars), a summary per cluster (``summary``), the k used and
+how it was chosen.
+
+- The slice (``joint``, ``config``, ``env`` or ``outcome``) of every run,
+  L2-normalised, so that k-means' distances follow cosines; scikit-learn's
+  ``MiniBatchKMeans`` (deterministic for a ``seed``), fitted on up to
+  ``FIT_SAMPLE`` runs and applied to all.
+- With no ``k``: for k in ``K_CHOICES`` (up to a tenth of the sample), the
+  mean silhouette (scikit-learn's ``silhouette_score``) of a k-means on a
+  sample of ``SILHOUETTE_SAMPLE`` runs; the k with the highest is used.
+- The summary: size, the metric's mean and spread, the dominant strategies
+  and universes, a representative run (nearest its centroid), and the config
+  paths whose values set the cluster apart: over a sample of each cluster's
+  configs, the value whose share in the cluster most exceeds its share
+  outside (strings), or the median furthest from the others' in IQRs
+  (numbers), among the paths the model gives a weight.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from .errors import BadInput
+from .space import Space, open_space
+
+BRANCHES = ("joint", "config", "env", "outcome")
+FIT_SAMPLE = 200_000
+SILHOUETTE_SAMPLE = 4_000
+K_CHOICES = (2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60)
+CONFIGS_PER_CLUSTER = 200
+
+
+@dataclass
+class Clustering:
+    model_id: str
+    on: str
+    k: int
+    chosen_by: str  # "given" or "silhouette"
+    assignments: pl.DataFrame  # run_id, cluster, distance
+    summary: pl.DataFrame  # cluster, size, metric mean/std, strategies, universes, representative, sets_apart
+    silhouettes: dict[int, float] = field(default_factory=dict)
+    metric: str | None = None
+
+
+def cluster_runs(
+    model_id: str,
+    *,
+    on: str = "joint",
+    k: int | None = None,
+    snapshot: str | os.PathLike | None = None,
+    historical_url=None,
+    runtime_url=None,
+    seed: int = 0,
+    metric: str | None = None,
+    strategy_id: str | Sequence[str] | None = None,
+    start: dt.date | None = None,
+    end: dt.date | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> Clustering:
+    """See the module docstring."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    if on not in BRANCHES:
+        raise BadInput(f"--on {on!r}: use one of {', '.join(BRANCHES)}")
+    if k is not None and k < 2:
+        raise BadInput(f"--k must be >= 2, got {k}")
+    progress = on_progress or (lambda _message: None)
+    strategy_ids = [strategy_id] if isinstance(strategy_id, str) else list(strategy_id or [])
+    space = open_space(model_id, snapshot=snapshot, historical_url=historical_url, runtime_url=runtime_url, strategy_ids=strategy_ids, start=start, end=end)
+    x = space.unit(on)
+    held = np.flatnonzero(np.abs(x).sum(axis=1) > 0)
+    if len(held) < 2:
+        raise BadInput(f"fewer than 2 runs have features in the {on} slice", "pick another --on or a wider selection")
+    if k is not None and k > len(held):
+        raise BadInput(f"--k {k} is more than the {len(held)} runs with features")
+    rng = np.random.default_rng(seed)
+    silhouettes: dict[int, float] = {}
+    chosen_by = "given"
+    if k is None:
+        progress("choosing k by silhouette")
+        k, silhouettes = choose_k(x[held], seed, rng)
+        chosen_by = "silhouette"
+    progress(f"k-means, k = {k}")
+    fit_rows = held if len(held) <= FIT_SAMPLE else np.sort(rng.choice(held, FIT_SAMPLE, replace=False))
+    kmeans = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=8192, max_iter=200)
+    kmeans.fit(x[fit_rows])
+    labels = np.full(len(space), -1, np.int64)
+    distance = np.full(len(space), np.nan)
+    for at in range(0, len(held), 131_072):  # bounded distance matrices
+        rows = held[at : at + 131_072]
+        labels[rows] = kmeans.predict(x[rows])
+        distance[rows] = np.linalg.norm(x[rows] - kmeans.cluster_centers_[labels[rows]], axis=1)
+    labels = _by_size(labels, k)
+    centers = _centers(x, labels, k)
+    assignments = pl.DataFrame(
+        {"run_id": space.runs.get_column("run_id"), "cluster": pl.Series(labels, dtype=pl.Int64), "distance": pl.Series(distance, dtype=pl.Float64)}
+    ).filter(pl.col("cluster") >= 0)
+    progress("summarising")
+    summary, metric_name = _summary(space, labels, distance, k, centers, metric)
+    return Clustering(model_id, on, k, chosen_by, assignments, summary, silhouettes, metric_name)
+
+
+def choose_k(x: np.ndarray, seed: int, rng: np.random.Generator) -> tuple[int, dict[int, float]]:
+    """The k of ``K_CHOICES`` with the best mean silhouette on a sample of ``x``."""
+    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.metrics import silhouette_score
+
+    sample = x if len(x) <= SILHOUETTE_SAMPLE else x[np.sort(rng.choice(len(x), SILHOUETTE_SAMPLE, replace=False))]
+    distinct = len(np.unique(np.round(sample, 4), axis=0))
+    scores = {}
+    for k in K_CHOICES:
+        if k >= min(distinct, max(3, len(sample) // 10)):
+            break
+        labels = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096).fit_predict(sample)
+        if len(np.unique(labels)) < 2:
+            continue
+        scores[k] = float(silhouette_score(sample, labels, metric="euclidean", random_state=seed))
+    if not scores:
+        return 2, scores
+    return max(scores, key=lambda c: (round(scores[c], 3), -c)), scores
+
+
+def _by_size(labels: np.ndarray, k: int) -> np.ndarray:
+    """Clusters renumbered by size, largest first (ties by old number): stable names."""
+    counts = np.bincount(labels[labels >= 0], minlength=k)
+    order = np.lexsort((np.arange(k), -counts))
+    new = np.empty(k, np.int64)
+    new[order] = np.arange(k)
+    return np.where(labels >= 0, new[np.maximum(labels, 0)], -1)
+
+
+def _centers(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    centers = np.zeros((k, x.shape[1]))
+    held = labels >= 0
+    np.add.at(centers, labels[held], x[held])
+    counts = np.bincount(labels[held], minlength=k)
+    return centers / np.maximum(counts, 1)[:, None]
+
+
+def _summary(space: Space, labels, distance, k, centers, metric: str | None) -> tuple[pl.DataFrame, str | None]:
+    from .suggest import pick_metric
+
+    try:
+        metric_name = pick_metric(space, metric)
+        values = space.metric(metric_name)
+    except BadInput:
+        if metric:
+            raise
+        metric_name, values = None, np.full(len(space), np.nan)
+    runs = space.runs.select("run_id", "strategy_id", "universe_id").with_columns(
+        cluster=pl.Series(labels), distance=pl.Series(distance), value=pl.Series(values)
+    ).filter(pl.col("cluster") >= 0)
+    stats = (
+        runs.group_by("cluster")
+        .agg(
+            size=pl.len(),
+            mean=pl.col("value").drop_nans().mean(),
+            std=pl.col("value").drop_nans().std(),
+            representative=pl.col("run_id").sort_by("distance").first(),
+        )
+        .sort("cluster")
+    )
+    strategies = _dominant(runs, "strategy_id", "strategies")
+    universes = _dominant(runs, "universe_id", "universes")
+    apart = _sets_apart(space, runs, k)
+    summary = (
+        stats.join(strategies, on="cluster", how="left")
+        .join(universes, on="cluster", how="left")
+        .join(apart, on="cluster", how="left")
+        .sort("cluster")
+    )
+    return summary, metric_name
+
+
+def _dominant(runs: pl.DataFrame, column: str, name: str, top: int = 2) -> pl.DataFrame:
+    """Per cluster, its most frequent values of ``column`` with their shares, as text."""
+    counts = runs.group_by("cluster", column).agg(n=pl.len()).with_columns(share=pl.col("n") / pl.col("n").sum().over("cluster"))
+    counts = counts.sort(["cluster", "n", column], descending=[False, True, False], nulls_last=True)
+    label = pl.format("{} {}%", pl.col(column).fill_null("(none)"), (pl.col("share") * 100).round(0).cast(pl.Int64))
+    return counts.group_by("cluster", maintain_order=True).agg(label.head(top).str.join(", ").alias(name))
+
+
+def _sets_apart(space: Space, runs: pl.DataFrame, k: int) -> pl.DataFrame:
+    """Per cluster, the config paths (weighted by the model) whose values set it apart."""
+    import duckdb
+
+    from .encoders.base import split_top_level
+    from .encoders.v2 import by_path
+    from .unnest import collect_config
+
+    sample = runs.with_columns(rank=pl.int_range(pl.len()).shuffle(seed=0).over("cluster")).filter(pl.col("rank") < CONFIGS_PER_CLUSTER)
+    ids = sample.get_column("run_id").to_list()
+    configs = space.configs(ids)
+    texts = pa.array([json.dumps(configs.get(r, {})) for r in ids], pa.string())
+    clusters = sample.get_column("cluster").to_numpy()
+    con = duckdb.connect()
+    objects, _ = split_top_level(con, texts, "config_json")
+    values = by_path(collect_config(con, objects))
+    model = space.model.v2()
+    scored: list[list[tuple[float, str]]] = [[] for _ in range(k)]
+    n = len(ids)
+    for path, v in values.items():  # a loop over paths
+        m = model.config_paths.get(path)
+        if m is None or m.branch != "config":
+            continue
+        if v.strings and m.string is not None and m.string.weight > 0:
+            rows = np.concatenate(v.string_rows)
+            strings = pa.concat_arrays([s.cast(pa.string()) for s in v.strings]).to_numpy(zero_copy_only=False)
+            frame = pl.DataFrame({"row": rows, "value": strings}).unique()
+            frame = frame.with_columns(cluster=pl.Series(clusters[frame.get_column("row").to_numpy()]))
+            inside = frame.group_by("cluster", "value").agg(n=pl.len())
+            total = frame.group_by("value").agg(all=pl.len())
+            size = pl.DataFrame({"cluster": np.arange(k), "size": np.bincount(clusters, minlength=k)})
+            best = (
+                inside.join(total, on="value").join(size, on="cluster")
+                .with_columns(share=pl.col("n") / pl.col("size"), other=(pl.col("all") - pl.col("n")) / np.maximum(n - pl.col("size"), 1))
+                .with_columns(lift=pl.col("share") - pl.col("other"))
+                .sort(["cluster", "lift", "value"], descending=[False, True, False])
+                .group_by("cluster", maintain_order=True).first()
+            )
+            for c, value, share, other, lift in best.select("cluster", "value", "share", "other", "lift").iter_rows():
+                scored[c].append((lift * m.string.weight, f"{path}={value} ({share:.0%} vs {other:.0%})"))
+        if v.numbers and m.number is not None and m.number.weight > 0:
+            rows = np.concatenate(v.number_rows)
+            nums = np.concatenate(v.numbers)
+            frame = pl.DataFrame({"row": rows, "x": nums}).group_by("row").agg(pl.col("x").mean())
+            frame = frame.with_columns(cluster=pl.Series(clusters[frame.get_column("row").to_numpy()]))
+            iqr = max(float(frame.get_column("x").quantile(0.75) - frame.get_column("x").quantile(0.25)), 1e-12)
+            overall = frame.get_column("x").median()
+            for c, median in frame.group_by("cluster").agg(pl.col("x").median()).iter_rows():
+                others = frame.filter(pl.col("cluster") != c).get_column("x").median()
+                others = overall if others is None else others
+                gap = min(abs(median - others) / iqr, 1.0)
+                scored[c].append((gap * m.number.weight, f"{path}~{_short(median)} (vs {_short(others)})"))
+    text = ["; ".join(label for _, label in sorted(items, key=lambda t: -t[0])[:3] if _ > 0.05) for items in scored]
+    return pl.DataFrame({"cluster": np.arange(k, dtype=np.int64), "sets_apart": text})
+
+
+def _short(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def write_assignments(clustering: Clustering, path: str | os.PathLike) -> Path:
+    """``clustering.assignments`` as Parquet at ``path`` (written beside it, then moved in)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if path.parent and not path.parent.is_dir():
+        raise BadInput(f"the folder `{path.parent}` does not exist", "create it first")
+    table = clustering.assignments.with_columns(model_id=pl.lit(clustering.model_id), on=pl.lit(clustering.on)).to_arrow()
+    part = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, part, compression="zstd")
+    os.replace(part, path)
+    return path
+
+
+def snapshot_clusters_path(snapshot: str | os.PathLike, model_id: str, on: str) -> Path:
+    """Where a snapshot keeps a model's clusters on a slice: clusters/<model>/<on>.parquet."""
+    from .snapshot import model_dir_name
+
+    return Path(snapshot) / "clusters" / model_dir_name(model_id) / f"{on}.parquet"
