@@ -2,13 +2,13 @@
 
 ``backfill(...)`` reads the selected runs from the runtime store, embeds each
 batch (unnest, encode, combine: see ``embed``) and writes it to the historical
-store in its own transaction. Reading, embedding and writing overlap: the
-runs are fetched on a thread of their own (``read_runs``), a reader thread
-cuts them into batches and does part of each batch's work (``prepare_runs``)
-and a writer thread commits the previous batch while the main thread encodes
-(the database does most of the reading and writing work, so the two cores are
-kept busy). The last batches are smaller (``last_batch_rows``). Returns a
-``BackfillSummary``.
+store in its own transaction. Reading, embedding and writing overlap, each
+stage on a thread of its own (``pipes.Prefetch``): the runs are fetched by
+``read_runs``' thread, a reader thread cuts them into batches and does part of
+each batch's work (``prepare_runs``), an encoder thread embeds the next batch
+while a writer thread commits the one before (the database does most of the
+reading and writing work, so the two cores are kept busy). The last batches
+are smaller (``last_batch_rows``). Returns a ``BackfillSummary``.
 """
 
 from __future__ import annotations
@@ -16,17 +16,17 @@ from __future__ import annotations
 import ctypes
 import functools
 import queue
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 
-from .embed import DEFAULT_MODEL_ID, EmbeddedBatch, Weights, embed_batch, prepare_runs
+from .embed import DEFAULT_MODEL_ID, Weights, embed_batch, prepare_runs
 from .encode import DIM
-from .pipes import DONE, consume, discard, pump
+from .pipes import Prefetch, stop_all
 from .read import read_runs
 from .stores import open_store
 from .stores.base import RunSelection
@@ -142,6 +142,16 @@ class BackfillSummary:
         }
 
 
+@dataclass
+class _Committed:
+    """What the writer thread hands on for each batch it committed."""
+
+    run_ids: pa.Array  # every run of the batch: written, skipped or rejected
+    written: int
+    skipped: int
+    rejected: list[tuple[str, str]]
+
+
 def backfill(
     runtime_url: DatabaseURL,
     historical_url: DatabaseURL | None = None,
@@ -156,122 +166,105 @@ def backfill(
     ``on_progress(runs_done, runs_total)`` is called after each batch is
     written (only then are the selected runs counted first).
     """
-    historical_url = historical_url or runtime_url
     _tune_malloc()
-    summary = BackfillSummary()
     started = time.perf_counter()
-    reader_store = open_store(runtime_url)
-    writer_store = None
-    con = _one_thread_duckdb()
-    shapes = ShapeCache()
-    buffers = _VectorBuffers(batch_rows)
-    stop = threading.Event()
-    read_queue: queue.Queue = queue.Queue(maxsize=1)
-    write_queue: queue.Queue = queue.Queue(maxsize=1)
-    write_results: queue.Queue = queue.Queue()
-    reader = writer = None
-    reader_seconds = {"read": 0.0, "unnest": 0.0}  # the fetch and reader threads' own (merged at the end)
-    try:
-        # the total is for a progress bar only: counting costs a scan of the
-        # runs before the first batch (3.7 s of a 50 s job at 1M runs)
-        reader_store.check_table("backtest_runs")
-        total = reader_store.count_runs(selection) if on_progress else None
+    job = _Job(runtime_url, historical_url or runtime_url, selection, weights, model_id, batch_rows, on_progress)
+    job.run()
+    job.summary.elapsed_seconds = time.perf_counter() - started
+    return job.summary
 
-        def read_and_prepare():
-            # the reader thread also does part of each batch's work (prepare_runs)
-            prepare_con = _one_thread_duckdb()
-            batches = read_runs(
-                reader_store, selection, batch_rows, first_batch_rows(batch_rows), last_batch_rows(batch_rows), reader_seconds
-            )
-            try:
-                for runs in batches:
-                    t0 = time.perf_counter()
-                    prepared = prepare_runs(runs, prepare_con, shapes)
-                    reader_seconds["unnest"] += time.perf_counter() - t0
-                    yield prepared
-            finally:
-                batches.close()  # stops the fetch thread
-                prepare_con.close()
 
-        reader = threading.Thread(target=pump, args=(read_and_prepare(), read_queue, stop), daemon=True)
-        reader.start()
-        # the historical store is opened while the first batch is read
-        writer_store = open_store(historical_url)
-        writer_store.check_table("joint_embeddings")
-        if on_progress:
-            on_progress(0, total)
+class _Job:
+    """One backfill: its settings, and the summary of the batches committed."""
 
-        def write_loop() -> None:
-            while True:
-                item = write_queue.get()
-                if item is DONE:
-                    return
-                item, buffer = item
+    def __init__(self, runtime_url, historical_url, selection, weights, model_id, batch_rows, on_progress):
+        self.runtime_url, self.historical_url = runtime_url, historical_url
+        self.selection, self.weights, self.model_id = selection, weights, model_id
+        self.batch_rows, self.on_progress = batch_rows, on_progress
+        self.summary = BackfillSummary()
+        self.shapes = ShapeCache()
+        self.buffers = _VectorBuffers(batch_rows)
+        self.total: int | None = None
+
+    def run(self) -> None:
+        """Read, embed and write the selected runs, each batch in its own transaction."""
+        reader_store = open_store(self.runtime_url)
+        writer_store = None
+        stages: list[Prefetch] = []
+        # each thread's busy seconds (merged into the summary at the end)
+        read_seconds = {"read": 0.0, "unnest": 0.0}  # the fetch and reader threads
+        encode_seconds = {"unnest": 0.0, "encode": 0.0, "combine": 0.0}
+        write_seconds = {"write": 0.0}
+        try:
+            # the total is for a progress bar only: counting costs a scan of the
+            # runs before the first batch (3.7 s of a 50 s job at 1M runs)
+            reader_store.check_table("backtest_runs")
+            if self.on_progress:
+                self.total = reader_store.count_runs(self.selection)
+            stages.append(Prefetch(self._prepared(reader_store, read_seconds)))
+            # the historical store is opened while the first batch is read
+            writer_store = open_store(self.historical_url)
+            writer_store.check_table("joint_embeddings")
+            if self.on_progress:
+                self.on_progress(0, self.total)
+            stages.append(Prefetch(self._embedded(stages[-1], encode_seconds)))
+            stages.append(Prefetch(self._committed(stages[-1], writer_store, write_seconds)))
+            for batch in stages[-1]:
+                self._count(batch)
+        finally:
+            # On the way out (normally or not), each thread finishes the batch it
+            # holds, so a batch is committed whole or not at all; then the stores close.
+            stop_all(stages)
+            reader_store.close()
+            if writer_store is not None:
+                writer_store.close()
+            for seconds in (read_seconds, encode_seconds, write_seconds):
+                for stage, value in seconds.items():
+                    self.summary.stage_seconds[stage] += value
+
+    def _prepared(self, store, seconds: dict) -> Iterator:
+        """The reader thread: batches of runs with part of their work done (``prepare_runs``)."""
+        con = _one_thread_duckdb()
+        rows = self.batch_rows
+        batches = read_runs(store, self.selection, rows, first_batch_rows(rows), last_batch_rows(rows), seconds)
+        try:
+            for runs in batches:
                 t0 = time.perf_counter()
-                try:
-                    written = write_batch(writer_store, item, model_id)
-                except BaseException as exc:
-                    write_results.put(exc)
-                    return
-                buffers.give_back(buffer)  # its rows are written: it may be filled again
-                summary.stage_seconds["write"] += time.perf_counter() - t0
-                write_results.put((written, item.rows.num_rows + item.skipped + len(item.rejected)))
+                prepared = prepare_runs(runs, con, self.shapes)
+                seconds["unnest"] += time.perf_counter() - t0
+                yield prepared
+        finally:
+            batches.close()  # stops the fetch thread
+            con.close()
 
-        writer = threading.Thread(target=write_loop, daemon=True)
-        writer.start()
-        done = 0
-        pending_writes = 0
+    def _embedded(self, prepared: Iterator, seconds: dict) -> Iterator:
+        """The encoder thread: (run ids, EmbeddedBatch, vector buffer) per batch."""
+        con = _one_thread_duckdb()
+        try:
+            for item in prepared:
+                buffer = self.buffers.take()
+                batch = embed_batch(item, self.weights, self.model_id, con, self.shapes, buffer)
+                for stage, value in batch.seconds.items():
+                    seconds[stage] += value
+                yield item.runs.column("run_id").combine_chunks(), batch, buffer
+        finally:
+            con.close()
 
-        def collect(block: bool) -> None:
-            nonlocal done, pending_writes
-            while pending_writes:
-                try:
-                    result = write_results.get(block=block)
-                except queue.Empty:
-                    return
-                pending_writes -= 1
-                if isinstance(result, BaseException):
-                    raise result
-                written, runs = result
-                summary.written += written
-                done += runs
-                if on_progress:
-                    on_progress(done, total)
+    def _committed(self, embedded: Iterator, store, seconds: dict) -> Iterator[_Committed]:
+        """The writer thread: writes each batch in one transaction."""
+        for run_ids, batch, buffer in embedded:
+            t0 = time.perf_counter()
+            written = write_batch(store, batch, self.model_id)
+            seconds["write"] += time.perf_counter() - t0
+            self.buffers.give_back(buffer)  # its rows are written: it may be filled again
+            yield _Committed(run_ids, written, batch.skipped, batch.rejected)
 
-        for item in consume(read_queue):
-            buffer = buffers.take()
-            batch: EmbeddedBatch = embed_batch(item, weights, model_id, con, shapes, buffer)
-            for stage, seconds in batch.seconds.items():
-                summary.stage_seconds[stage] += seconds
-            summary.runs_read += item.runs.num_rows
-            summary.skipped += batch.skipped
-            summary.rejected.extend(batch.rejected)
-            summary.batches += 1
-            collect(block=False)
-            write_queue.put((batch, buffer))
-            pending_writes += 1
-        write_queue.put(DONE)
-        collect(block=True)
-        writer.join()
-    finally:
-        # On the way out (normally or not), let each thread finish the batch it
-        # holds, so a batch is committed whole or not at all, then close.
-        stop.set()
-        for thread, q, sentinel in ((writer, write_queue, True), (reader, read_queue, False)):
-            while thread is not None and thread.is_alive():
-                discard(q)
-                if sentinel:
-                    try:
-                        q.put_nowait(DONE)
-                    except queue.Full:
-                        pass
-                thread.join(timeout=0.1)
-        con.close()
-        reader_store.close()
-        if writer_store is not None:
-            writer_store.close()
-    for stage, seconds in reader_seconds.items():
-        summary.stage_seconds[stage] += seconds
-    summary.elapsed_seconds = time.perf_counter() - started
-    return summary
-
+    def _count(self, batch: _Committed) -> None:
+        summary = self.summary
+        summary.runs_read += len(batch.run_ids)
+        summary.written += batch.written
+        summary.skipped += batch.skipped
+        summary.rejected.extend(batch.rejected)
+        summary.batches += 1
+        if self.on_progress:
+            self.on_progress(summary.runs_read, self.total)
