@@ -69,6 +69,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from numpy.lib import format as npy
 
 from . import __version__
 from .embed import DIM, JOINT_TYPE
@@ -81,7 +82,6 @@ from .urls import DatabaseURL, parse_url
 SCHEMA_VERSION = 1
 FORMAT = "metabatch-snapshot"
 MANIFEST = "manifest.json"
-NPY_HEADER_BYTES = 128
 # Rows per Parquet row group and per part file of embeddings, and per runs part file.
 EMBEDDING_GROUP_ROWS = 65_536
 EMBEDDING_PART_ROWS = 262_144
@@ -152,24 +152,26 @@ class ExportSummary:
 # Raw vector files
 
 
-def _npy_header(rows: int, dim: int) -> bytes:
-    """A NumPy v1.0 header of exactly NPY_HEADER_BYTES bytes for a (rows, dim) <f4 array."""
-    text = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, %d), }" % (rows, dim)
-    pad = NPY_HEADER_BYTES - 10 - len(text) - 1
-    if pad < 0:
-        raise ValueError("npy header too long")
-    text = text + " " * pad + "\n"
-    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
-
-
 class _VectorFile:
-    """An .npy file written by appending rows; the header gets its row count on close."""
+    """A (rows, dim) little-endian float32 ``.npy`` file written by appending
+    rows; ``close`` writes the row count into its header.
+
+    NumPy's header leaves room for the row count to grow, so the header
+    written at close has the length of the first one (128 bytes) and the rows
+    stay where they are; ``numpy.load(path, mmap_mode="r")`` reads the file.
+    """
 
     def __init__(self, path: Path, dim: int):
         self.path, self.dim, self.rows = path, dim, 0
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "wb")
-        self.file.write(_npy_header(0, dim))
+        self._write_header()
+        self.data_offset = self.file.tell()
+
+    def _write_header(self) -> None:
+        header = npy.header_data_from_array_1_0(np.empty((0, self.dim), dtype="<f4"))
+        header["shape"] = (self.rows, self.dim)
+        npy.write_array_header_1_0(self.file, header)
 
     def append(self, matrix: np.ndarray) -> int:
         """Write the rows; returns the row index of the first one."""
@@ -181,7 +183,9 @@ class _VectorFile:
 
     def close(self) -> None:
         self.file.seek(0)
-        self.file.write(_npy_header(self.rows, self.dim))
+        self._write_header()
+        if self.file.tell() != self.data_offset:  # NumPy's room for the row count ran out
+            raise ValueError(f"the .npy header of {self.path} changed length")
         self.file.close()
 
 
