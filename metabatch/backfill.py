@@ -9,6 +9,10 @@ each batch's work (``prepare_runs``), an encoder thread embeds the next batch
 while a writer thread commits the one before (the database does most of the
 reading and writing work, so the two cores are kept busy). The last batches
 are smaller (``last_batch_rows``). Returns a ``BackfillSummary``.
+
+A lost database connection is retried (``retry``): the job reconnects and
+reads again only the runs not yet committed (every batch is an idempotent
+upsert, so a batch whose commit was cut off is simply written again).
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import pyarrow as pa
 
 from .embed import DEFAULT_MODEL_ID, Weights, embed_batch, prepare_runs
 from .encode import DIM
+from .errors import ConnectionLost, MetabatchError
 from .pipes import Prefetch, stop_all
 from .read import read_runs
-from .stores import open_store
+from .retry import DEFAULT_RETRIES, Retries, open_for_attempt
 from .stores.base import RunSelection
 from .unnest import ShapeCache
 from .urls import DatabaseURL
@@ -118,6 +123,7 @@ class BackfillSummary:
     skipped: int = 0
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (run_id, reason)
     batches: int = 0
+    retries: int = 0  # reconnections after a lost connection
     elapsed_seconds: float = 0.0
     stage_seconds: dict[str, float] = field(
         default_factory=lambda: {"read": 0.0, "unnest": 0.0, "encode": 0.0, "combine": 0.0, "write": 0.0}
@@ -136,6 +142,7 @@ class BackfillSummary:
             "rejected": len(self.rejected),
             "rejected_runs": [{"run_id": r, "reason": why} for r, why in rejected],
             "batches": self.batches,
+            "retries": self.retries,
             "elapsed_seconds": round(self.elapsed_seconds, 3),
             "runs_per_second": round(self.runs_per_second, 1),
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
@@ -160,22 +167,40 @@ def backfill(
     model_id: str = DEFAULT_MODEL_ID,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     on_progress: Callable[[int, int | None], None] | None = None,
+    *,
+    retries: int = DEFAULT_RETRIES,
+    on_retry: Callable[[ConnectionLost, int, float], None] | None = None,
 ) -> BackfillSummary:
     """Embed the selected runs and write them; see the module docstring.
 
     ``on_progress(runs_done, runs_total)`` is called after each batch is
-    written (only then are the selected runs counted first).
+    written (only then are the selected runs counted first). ``retries``: how
+    many times in a row to reconnect after a lost connection (0: fail at
+    once); ``on_retry`` is called before each wait (see ``retry.Retries``).
+    Gives up with a MetabatchError that says how many runs were written.
     """
     _tune_malloc()
     started = time.perf_counter()
     job = _Job(runtime_url, historical_url or runtime_url, selection, weights, model_id, batch_rows, on_progress)
-    job.run()
+    attempts = Retries(retries, on_retry)
+    try:
+        attempts.run(job.run, progress=lambda: job.summary.batches)
+    except ConnectionLost as exc:
+        after = attempts.describe()
+        raise MetabatchError(
+            f"backfill stopped{after}: {exc.message}; {job.summary.written:,} runs were written in whole batches",
+            "rerun the same command to finish the job: runs already written are replaced, not duplicated"
+            + ("" if retries else "; --retries N reconnects on its own"),
+        ) from exc
+    finally:
+        job.summary.retries = attempts.made
     job.summary.elapsed_seconds = time.perf_counter() - started
     return job.summary
 
 
 class _Job:
-    """One backfill: its settings, and the summary of the batches committed."""
+    """One backfill: its settings, the summary of the batches committed and
+    their run ids, which a retry skips."""
 
     def __init__(self, runtime_url, historical_url, selection, weights, model_id, batch_rows, on_progress):
         self.runtime_url, self.historical_url = runtime_url, historical_url
@@ -185,10 +210,12 @@ class _Job:
         self.shapes = ShapeCache()
         self.buffers = _VectorBuffers(batch_rows)
         self.total: int | None = None
+        self.done_ids: list[pa.Array] = []  # 1M runs: about 20 MB
 
-    def run(self) -> None:
-        """Read, embed and write the selected runs, each batch in its own transaction."""
-        reader_store = open_store(self.runtime_url)
+    def run(self, first: bool = True) -> None:
+        """Read, embed and write the selected runs not written yet, each batch
+        in its own transaction. ``first``: the job's first attempt."""
+        reader_store = open_for_attempt(self.runtime_url, first)
         writer_store = None
         stages: list[Prefetch] = []
         # each thread's busy seconds (merged into the summary at the end)
@@ -199,13 +226,14 @@ class _Job:
             # the total is for a progress bar only: counting costs a scan of the
             # runs before the first batch (3.7 s of a 50 s job at 1M runs)
             reader_store.check_table("backtest_runs")
-            if self.on_progress:
+            if self.on_progress and first:
                 self.total = reader_store.count_runs(self.selection)
-            stages.append(Prefetch(self._prepared(reader_store, read_seconds)))
+            skip = pa.concat_arrays(self.done_ids) if self.done_ids else None
+            stages.append(Prefetch(self._prepared(reader_store, skip, read_seconds)))
             # the historical store is opened while the first batch is read
-            writer_store = open_store(self.historical_url)
+            writer_store = open_for_attempt(self.historical_url, first)
             writer_store.check_table("joint_embeddings")
-            if self.on_progress:
+            if self.on_progress and first:
                 self.on_progress(0, self.total)
             stages.append(Prefetch(self._embedded(stages[-1], encode_seconds)))
             stages.append(Prefetch(self._committed(stages[-1], writer_store, write_seconds)))
@@ -222,11 +250,12 @@ class _Job:
                 for stage, value in seconds.items():
                     self.summary.stage_seconds[stage] += value
 
-    def _prepared(self, store, seconds: dict) -> Iterator:
-        """The reader thread: batches of runs with part of their work done (``prepare_runs``)."""
+    def _prepared(self, store, skip: pa.Array | None, seconds: dict) -> Iterator:
+        """The reader thread: batches of runs with part of their work done
+        (``prepare_runs``), but for the runs in ``skip``."""
         con = _one_thread_duckdb()
         rows = self.batch_rows
-        batches = read_runs(store, self.selection, rows, first_batch_rows(rows), last_batch_rows(rows), seconds)
+        batches = read_runs(store, self.selection, rows, first_batch_rows(rows), last_batch_rows(rows), seconds, skip)
         try:
             for runs in batches:
                 t0 = time.perf_counter()
@@ -266,5 +295,6 @@ class _Job:
         summary.skipped += batch.skipped
         summary.rejected.extend(batch.rejected)
         summary.batches += 1
+        self.done_ids.append(batch.run_ids)
         if self.on_progress:
             self.on_progress(summary.runs_read, self.total)

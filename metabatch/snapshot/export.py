@@ -7,6 +7,10 @@ converted (``EmbeddingWriter``) and written as Parquet (``write_parts``)
 while the runs are read from the runtime store and their metrics extracted
 (``RunWriter.prepared``); the runs are written once the embeddings are done,
 since only runs with an exported embedding go in.
+
+A lost database connection is retried (``retry``) by starting the export
+again in a new build folder; the snapshot at ``out`` is only replaced once a
+new one is complete.
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..embed import JOINT_TYPE
-from ..errors import BadInput
+from ..errors import BadInput, ConnectionLost, MetabatchError
 from ..pipes import Prefetch, stop_all
-from ..stores import open_store
+from ..retry import DEFAULT_RETRIES, Retries, open_for_attempt
 from ..stores.base import EmbeddingFilter, RunSelection
 from ..urls import DatabaseURL, parse_url
 from .embeddings import EmbeddingWriter, embedding_parts, write_parts
@@ -39,6 +43,7 @@ class ExportSummary:
     models: dict[str, int] = field(default_factory=dict)
     metric_columns: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    retries: int = 0  # restarts after a lost connection
     manifest: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -49,6 +54,7 @@ class ExportSummary:
             "models": self.models,
             "metric_columns": self.metric_columns,
             "seconds": round(self.seconds, 3),
+            "retries": self.retries,
         }
 
 
@@ -74,12 +80,17 @@ def export_parquet(
     start: dt.date | None = None,
     end: dt.date | None = None,
     on_progress: Callable[[int], None] | None = None,
+    retries: int = DEFAULT_RETRIES,
+    on_retry: Callable[[ConnectionLost, int, float], None] | None = None,
 ) -> ExportSummary:
     """Write a snapshot of the selected META_CONFIG_ENV_V0 embeddings (all model
     ids unless ``model_id``) and their runs to ``out``, replacing the snapshot
     there only once the new one is complete.
 
     ``on_progress(embeddings_written)`` is called as embeddings are written.
+    ``retries``: how many times in a row to start again after a lost
+    connection (0: fail at once); ``on_retry`` is called before each wait
+    (see ``retry.Retries``).
     """
     started = time.perf_counter()
     historical = _as_url(historical_url)
@@ -91,11 +102,28 @@ def export_parquet(
     check_out_folder(out)
     remove_leftovers(out)
     flt = EmbeddingFilter(model_id, strategy_ids, start, end, extra={"joint_type": JOINT_TYPE})
-    build = new_build_folder(out)
+
+    def attempt(first: bool) -> tuple[Path, tuple[dict, dict]]:
+        build = new_build_folder(out)
+        try:
+            return build, _write_snapshot(
+                build, historical, runtime, flt, RunSelection(strategy_ids, start, end), on_progress, first
+            )
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+
+    attempts = Retries(retries, on_retry)
     try:
-        emb_section, runs_section = _write_snapshot(
-            build, historical, runtime, flt, RunSelection(strategy_ids, start, end), on_progress
-        )
+        build, (emb_section, runs_section) = attempts.run(attempt)
+    except ConnectionLost as exc:
+        after = attempts.describe()
+        kept = f"the snapshot at `{out}` is unchanged" if out.exists() else f"nothing was written to `{out}`"
+        raise MetabatchError(
+            f"export stopped{after}: {exc.message}; {kept}",
+            "rerun the same command to export" + ("" if retries else "; --retries N reconnects on its own"),
+        ) from exc
+    try:
         selection = {
             "model_id": model_id,
             "strategy_ids": list(strategy_ids),
@@ -117,6 +145,7 @@ def export_parquet(
         models={m: e["rows"] for m, e in emb_section["models"].items()},
         metric_columns=runs_section["metric_columns"],
         seconds=time.perf_counter() - started,
+        retries=attempts.made,
         manifest=manifest,
     )
 
@@ -128,17 +157,19 @@ def _write_snapshot(
     flt: EmbeddingFilter,
     selection: RunSelection,
     on_progress: Callable[[int], None] | None,
+    first: bool,
 ) -> tuple[dict, dict]:
     """Write the embeddings, index and runs files into ``build``; returns the
-    manifest's ``embeddings`` and ``runs`` sections."""
+    manifest's ``embeddings`` and ``runs`` sections. ``first``: the export's
+    first attempt (see ``open_for_attempt``)."""
     stores = []
     stages: list[Prefetch] = []
     emb_writer = EmbeddingWriter(build)
     run_writer = RunWriter(build)
     try:
-        emb_store = open_store(historical, read_only=True)
+        emb_store = open_for_attempt(historical, first, read_only=True)
         stores.append(emb_store)
-        run_store = open_store(runtime, read_only=True)
+        run_store = open_for_attempt(runtime, first, read_only=True)
         stores.append(run_store)
         emb_store.check_table("joint_embeddings")
         run_store.check_table("backtest_runs")
@@ -153,7 +184,7 @@ def _write_snapshot(
         prepared_runs = stage(run_writer.prepared(run_batches), None)
         parts = stage(embedding_parts(emb_writer, embedding_batches), 2)
         done = 0
-        for rows in stage(write_parts(parts), None):
+        for rows in stage(write_parts(parts), 1):
             prepared_runs.check()  # a failed read of the runs fails the export now
             done += rows
             if on_progress and rows:
