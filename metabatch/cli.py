@@ -130,6 +130,13 @@ def retry_reporter(limit: int):
     return report
 
 
+def retries_note(retries: int, before: str) -> str:
+    """For a summary line: ', 2 retries after a lost connection' ('' for none)."""
+    if not retries:
+        return ""
+    return f"{before}{retries} {'retry' if retries == 1 else 'retries'} after a lost connection"
+
+
 # --------------------------------------------------------------------------
 # The group: errors in one place
 
@@ -286,7 +293,7 @@ def backfill(urls, strategy_ids, start, end, limit, w_config, w_env, w_outcome, 
         return
     click.echo(
         f"runs read {summary.runs_read}, written {summary.written}, skipped {summary.skipped} (no branch taken), "
-        f"rejected {len(summary.rejected)}" + (f", {summary.retries} retries after a lost connection" if summary.retries else "")
+        f"rejected {len(summary.rejected)}" + retries_note(summary.retries, ", ")
     )
     for run_id, reason in summary.rejected[:10]:
         click.echo(f"  rejected {run_id}: {reason}")
@@ -379,7 +386,7 @@ def export_parquet(urls, out, model_id, strategy_ids, start, end, retries, as_js
     models = ", ".join(f"{m} {n:,}" for m, n in summary.models.items()) or "none"
     click.echo(
         f"snapshot {summary.path}: {summary.embeddings:,} embeddings ({models}), {summary.runs:,} runs"
-        + (f" ({summary.retries} retries after a lost connection)" if summary.retries else "")
+        + retries_note(summary.retries, " ")
     )
     if summary.metric_columns:
         click.echo(f"  metric columns in runs: {', '.join(summary.metric_columns)}")
