@@ -2,13 +2,17 @@
 
 ``backfill(...)`` reads the selected runs from the runtime store, embeds each
 batch (unnest, encode, combine: see ``embed``) and writes it to the historical
-store in its own transaction. Reading, embedding and writing overlap: the
-runs are fetched on a thread of their own (``read_runs``), a reader thread
-cuts them into batches and does part of each batch's work (``prepare_runs``)
-and a writer thread commits the previous batch while the main thread encodes
-(the database does most of the reading and writing work, so the two cores are
-kept busy). The last batches are smaller (``last_batch_rows``). Returns a
-``BackfillSummary``.
+store in its own transaction. Reading, embedding and writing overlap, each
+stage on a thread of its own (``pipes.Prefetch``): the runs are fetched by
+``read_runs``' thread, a reader thread cuts them into batches and does part of
+each batch's work (``prepare_runs``), an encoder thread embeds the next batch
+while a writer thread commits the one before (the database does most of the
+reading and writing work, so the two cores are kept busy). The last batches
+are smaller (``last_batch_rows``). Returns a ``BackfillSummary``.
+
+A lost database connection is retried (``retry``): the job reconnects and
+reads again only the runs not yet committed (every batch is an idempotent
+upsert, so a batch whose commit was cut off is simply written again).
 """
 
 from __future__ import annotations
@@ -16,20 +20,21 @@ from __future__ import annotations
 import ctypes
 import functools
 import queue
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 
-from .embed import DEFAULT_MODEL_ID, EmbeddedBatch, Weights
+from .embed import DEFAULT_MODEL_ID, Weights
 from .encode import DIM
 from .encoders.base import Encoder
-from .pipes import DONE, consume, discard, pump
+from .errors import ConnectionLost, MetabatchError
+from .pipes import Prefetch, stop_all
 from .read import read_runs
-from .stores import open_store
+from .retry import DEFAULT_RETRIES, Retries, open_for_attempt
 from .stores.base import RunSelection
 from .unnest import ShapeCache
 from .urls import DatabaseURL
@@ -119,6 +124,7 @@ class BackfillSummary:
     skipped: int = 0
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (run_id, reason)
     batches: int = 0
+    retries: int = 0  # reconnections after a lost connection
     elapsed_seconds: float = 0.0
     stage_seconds: dict[str, float] = field(
         default_factory=lambda: {"read": 0.0, "unnest": 0.0, "encode": 0.0, "combine": 0.0, "write": 0.0}
@@ -141,6 +147,7 @@ class BackfillSummary:
             "rejected": len(self.rejected),
             "rejected_runs": [{"run_id": r, "reason": why} for r, why in rejected],
             "batches": self.batches,
+            "retries": self.retries,
             "elapsed_seconds": round(self.elapsed_seconds, 3),
             "runs_per_second": round(self.runs_per_second, 1),
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
@@ -151,6 +158,16 @@ class BackfillSummary:
         }
 
 
+@dataclass
+class _Committed:
+    """What the writer thread hands on for each batch it committed."""
+
+    run_ids: pa.Array  # every run of the batch: written, skipped or rejected
+    written: int
+    skipped: int
+    rejected: list[tuple[str, str]]
+
+
 def backfill(
     runtime_url: DatabaseURL,
     historical_url: DatabaseURL | None = None,
@@ -159,6 +176,9 @@ def backfill(
     model_id: str = DEFAULT_MODEL_ID,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     on_progress: Callable[[int, int | None], None] | None = None,
+    *,
+    retries: int = DEFAULT_RETRIES,
+    on_retry: Callable[[ConnectionLost, int, float], None] | None = None,
     weights_given: bool = False,
     encoder: Encoder | None = None,
 ) -> BackfillSummary:
@@ -168,133 +188,137 @@ def backfill(
     (``weights_given`` is then a usage error), any other id with v1 and
     ``weights``; the built-in v2 id is fitted on the selection on first use
     (``models.encoder_for``). ``encoder``: use this one instead.
+
     ``on_progress(runs_done, runs_total)`` is called after each batch is
-    written (only then are the selected runs counted first).
+    written (only then are the selected runs counted first). ``retries``: how
+    many times in a row to reconnect after a lost connection (0: fail at
+    once); ``on_retry`` is called before each wait (see ``retry.Retries``).
+    Gives up with a MetabatchError that says how many runs were written.
     """
-    historical_url = historical_url or runtime_url
     _tune_malloc()
-    summary = BackfillSummary()
     started = time.perf_counter()
+    historical_url = historical_url or runtime_url
+    fitted = None
     if encoder is None:
         from .models import encoder_for
 
         encoder, fitted = encoder_for(runtime_url, historical_url, model_id, weights, weights_given, selection)
-        summary.fitted = fitted.as_dict() if fitted else None
-    model_id = encoder.model_id
-    summary.model_id, summary.encoder = model_id, encoder.kind
-    reader_store = open_store(runtime_url)
-    writer_store = None
-    con = _one_thread_duckdb()
-    shapes = ShapeCache()
-    buffers = _VectorBuffers(batch_rows)
-    stop = threading.Event()
-    read_queue: queue.Queue = queue.Queue(maxsize=1)
-    write_queue: queue.Queue = queue.Queue(maxsize=1)
-    write_results: queue.Queue = queue.Queue()
-    reader = writer = None
-    reader_seconds = {"read": 0.0, "unnest": 0.0}  # the fetch and reader threads' own (merged at the end)
+    job = _Job(runtime_url, historical_url, selection, encoder, batch_rows, on_progress)
+    job.summary.fitted = fitted.as_dict() if fitted else None
+    attempts = Retries(retries, on_retry)
     try:
-        # the total is for a progress bar only: counting costs a scan of the
-        # runs before the first batch (3.7 s of a 50 s job at 1M runs)
-        reader_store.check_table("backtest_runs")
-        total = reader_store.count_runs(selection) if on_progress else None
-
-        def read_and_prepare():
-            # the reader thread also does part of each batch's work (prepare_runs)
-            prepare_con = _one_thread_duckdb()
-            batches = read_runs(
-                reader_store, selection, batch_rows, first_batch_rows(batch_rows), last_batch_rows(batch_rows), reader_seconds
-            )
-            try:
-                for runs in batches:
-                    t0 = time.perf_counter()
-                    prepared = encoder.prepare(runs, prepare_con, shapes)
-                    reader_seconds["unnest"] += time.perf_counter() - t0
-                    yield prepared
-            finally:
-                batches.close()  # stops the fetch thread
-                prepare_con.close()
-
-        reader = threading.Thread(target=pump, args=(read_and_prepare(), read_queue, stop), daemon=True)
-        reader.start()
-        # the historical store is opened while the first batch is read
-        writer_store = open_store(historical_url)
-        writer_store.check_table("joint_embeddings")
-        if on_progress:
-            on_progress(0, total)
-
-        def write_loop() -> None:
-            while True:
-                item = write_queue.get()
-                if item is DONE:
-                    return
-                item, buffer = item
-                t0 = time.perf_counter()
-                try:
-                    written = write_batch(writer_store, item, model_id)
-                except BaseException as exc:
-                    write_results.put(exc)
-                    return
-                buffers.give_back(buffer)  # its rows are written: it may be filled again
-                summary.stage_seconds["write"] += time.perf_counter() - t0
-                write_results.put((written, item.rows.num_rows + item.skipped + len(item.rejected)))
-
-        writer = threading.Thread(target=write_loop, daemon=True)
-        writer.start()
-        done = 0
-        pending_writes = 0
-
-        def collect(block: bool) -> None:
-            nonlocal done, pending_writes
-            while pending_writes:
-                try:
-                    result = write_results.get(block=block)
-                except queue.Empty:
-                    return
-                pending_writes -= 1
-                if isinstance(result, BaseException):
-                    raise result
-                written, runs = result
-                summary.written += written
-                done += runs
-                if on_progress:
-                    on_progress(done, total)
-
-        for item in consume(read_queue):
-            buffer = buffers.take()
-            batch: EmbeddedBatch = encoder.embed(item, con, shapes, buffer)
-            for stage, seconds in batch.seconds.items():
-                summary.stage_seconds[stage] += seconds
-            summary.runs_read += item.runs.num_rows
-            summary.skipped += batch.skipped
-            summary.rejected.extend(batch.rejected)
-            summary.batches += 1
-            collect(block=False)
-            write_queue.put((batch, buffer))
-            pending_writes += 1
-        write_queue.put(DONE)
-        collect(block=True)
-        writer.join()
+        attempts.run(job.run, progress=lambda: job.summary.batches)
+    except ConnectionLost as exc:
+        after = attempts.describe()
+        raise MetabatchError(
+            f"backfill stopped{after}: {exc.message}; {job.summary.written:,} runs were written in whole batches",
+            "rerun the same command to finish the job: runs already written are replaced, not duplicated"
+            + ("" if retries else "; --retries N reconnects on its own"),
+        ) from exc
     finally:
-        # On the way out (normally or not), let each thread finish the batch it
-        # holds, so a batch is committed whole or not at all, then close.
-        stop.set()
-        for thread, q, sentinel in ((writer, write_queue, True), (reader, read_queue, False)):
-            while thread is not None and thread.is_alive():
-                discard(q)
-                if sentinel:
-                    try:
-                        q.put_nowait(DONE)
-                    except queue.Full:
-                        pass
-                thread.join(timeout=0.1)
-        con.close()
-        reader_store.close()
-        if writer_store is not None:
-            writer_store.close()
-    for stage, seconds in reader_seconds.items():
-        summary.stage_seconds[stage] += seconds
-    summary.unseen_config_paths = sorted(getattr(encoder, "unseen_config_paths", ()))
-    summary.elapsed_seconds = time.perf_counter() - started
-    return summary
+        job.summary.retries = attempts.made
+    job.summary.unseen_config_paths = sorted(getattr(encoder, "unseen_config_paths", ()))
+    job.summary.elapsed_seconds = time.perf_counter() - started
+    return job.summary
 
+
+class _Job:
+    """One backfill: its settings, the summary of the batches committed and
+    their run ids, which a retry skips."""
+
+    def __init__(self, runtime_url, historical_url, selection, encoder: Encoder, batch_rows, on_progress):
+        self.runtime_url, self.historical_url = runtime_url, historical_url
+        self.selection, self.encoder, self.model_id = selection, encoder, encoder.model_id
+        self.batch_rows, self.on_progress = batch_rows, on_progress
+        self.summary = BackfillSummary(model_id=encoder.model_id, encoder=encoder.kind)
+        self.shapes = ShapeCache()
+        self.buffers = _VectorBuffers(batch_rows)
+        self.total: int | None = None
+        self.done_ids: list[pa.Array] = []  # 1M runs: about 20 MB
+
+    def run(self, first: bool = True) -> None:
+        """Read, embed and write the selected runs not written yet, each batch
+        in its own transaction. ``first``: the job's first attempt."""
+        reader_store = open_for_attempt(self.runtime_url, first)
+        writer_store = None
+        stages: list[Prefetch] = []
+        # each thread's busy seconds (merged into the summary at the end)
+        read_seconds = {"read": 0.0, "unnest": 0.0}  # the fetch and reader threads
+        encode_seconds = {"unnest": 0.0, "encode": 0.0, "combine": 0.0}
+        write_seconds = {"write": 0.0}
+        try:
+            # the total is for a progress bar only: counting costs a scan of the
+            # runs before the first batch (3.7 s of a 50 s job at 1M runs)
+            reader_store.check_table("backtest_runs")
+            if self.on_progress and first:
+                self.total = reader_store.count_runs(self.selection)
+            skip = pa.concat_arrays(self.done_ids) if self.done_ids else None
+            stages.append(Prefetch(self._prepared(reader_store, skip, read_seconds)))
+            # the historical store is opened while the first batch is read
+            writer_store = open_for_attempt(self.historical_url, first)
+            writer_store.check_table("joint_embeddings")
+            if self.on_progress and first:
+                self.on_progress(0, self.total)
+            stages.append(Prefetch(self._embedded(stages[-1], encode_seconds)))
+            stages.append(Prefetch(self._committed(stages[-1], writer_store, write_seconds)))
+            for batch in stages[-1]:
+                self._count(batch)
+        finally:
+            # On the way out (normally or not), each thread finishes the batch it
+            # holds, so a batch is committed whole or not at all; then the stores close.
+            stop_all(stages)
+            reader_store.close()
+            if writer_store is not None:
+                writer_store.close()
+            for seconds in (read_seconds, encode_seconds, write_seconds):
+                for stage, value in seconds.items():
+                    self.summary.stage_seconds[stage] += value
+
+    def _prepared(self, store, skip: pa.Array | None, seconds: dict) -> Iterator:
+        """The reader thread: batches of runs with part of their work done
+        (the encoder's ``prepare``), but for the runs in ``skip``."""
+        con = _one_thread_duckdb()
+        rows = self.batch_rows
+        batches = read_runs(store, self.selection, rows, first_batch_rows(rows), last_batch_rows(rows), seconds, skip)
+        try:
+            for runs in batches:
+                t0 = time.perf_counter()
+                prepared = self.encoder.prepare(runs, con, self.shapes)
+                seconds["unnest"] += time.perf_counter() - t0
+                yield prepared
+        finally:
+            batches.close()  # stops the fetch thread
+            con.close()
+
+    def _embedded(self, prepared: Iterator, seconds: dict) -> Iterator:
+        """The encoder thread: (run ids, EmbeddedBatch, vector buffer) per batch."""
+        con = _one_thread_duckdb()
+        try:
+            for item in prepared:
+                buffer = self.buffers.take()
+                batch = self.encoder.embed(item, con, self.shapes, buffer)
+                for stage, value in batch.seconds.items():
+                    seconds[stage] += value
+                yield item.runs.column("run_id").combine_chunks(), batch, buffer
+        finally:
+            con.close()
+
+    def _committed(self, embedded: Iterator, store, seconds: dict) -> Iterator[_Committed]:
+        """The writer thread: writes each batch in one transaction."""
+        for run_ids, batch, buffer in embedded:
+            t0 = time.perf_counter()
+            written = write_batch(store, batch, self.model_id)
+            seconds["write"] += time.perf_counter() - t0
+            self.buffers.give_back(buffer)  # its rows are written: it may be filled again
+            yield _Committed(run_ids, written, batch.skipped, batch.rejected)
+
+    def _count(self, batch: _Committed) -> None:
+        summary = self.summary
+        summary.runs_read += len(batch.run_ids)
+        summary.written += batch.written
+        summary.skipped += batch.skipped
+        summary.rejected.extend(batch.rejected)
+        summary.batches += 1
+        self.done_ids.append(batch.run_ids)
+        if self.on_progress:
+            self.on_progress(summary.runs_read, self.total)

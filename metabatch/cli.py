@@ -18,6 +18,7 @@ import click
 
 from . import __version__
 from .errors import BadInput, MetabatchError
+from .retry import DEFAULT_RETRIES
 from .urls import RUNTIME_ENV, HISTORICAL_ENV, redact, resolve_urls
 
 # --------------------------------------------------------------------------
@@ -140,6 +141,38 @@ def progress_reporter(quiet: bool, label: str):
             state["bar"].__exit__(None, None, None)
 
     return report, finish
+
+
+def retries_option(what: str):
+    """--retries N: how many times in a row to reconnect after a lost connection."""
+    return click.option(
+        "--retries",
+        type=click.IntRange(min=0),
+        default=DEFAULT_RETRIES,
+        show_default=True,
+        metavar="N",
+        help=(
+            "Reconnect up to N times in a row when the connection to the database is lost "
+            f"(server restart, failover), waiting 1 s, 2 s, 4 s... (at most 30 s) between tries, then {what}; "
+            "0 fails at once. Example: --retries 10"
+        ),
+    )
+
+
+def retry_reporter(limit: int):
+    """A callback (error, retry, seconds) printing one line per retry on stderr."""
+
+    def report(error, retry, seconds):
+        click.echo(f"metabatch: {error.message}; retry {retry} of {limit} in {seconds:.0f} s", err=True)
+
+    return report
+
+
+def retries_note(retries: int, before: str) -> str:
+    """For a summary line: ', 2 retries after a lost connection' ('' for none)."""
+    if not retries:
+        return ""
+    return f"{before}{retries} {'retry' if retries == 1 else 'retries'} after a lost connection"
 
 
 # --------------------------------------------------------------------------
@@ -273,16 +306,19 @@ def _model_id(value: str, option: str = "--joint-model-id") -> str:
     "joint-meta-config-env-v2 is fitted with the defaults on first use.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=25_000, show_default=True, help="Runs per batch (and per transaction).")
+@retries_option("resume with the runs not yet written")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.pass_context
-def backfill(ctx, urls, strategy_ids, start, end, limit, w_config, w_env, w_outcome, joint_model_id, batch_size, quiet, as_json):
+def backfill(ctx, urls, strategy_ids, start, end, limit, w_config, w_env, w_outcome, joint_model_id, batch_size, retries, quiet, as_json):
     """Embed backtest_runs into joint_embeddings (idempotent, batch by batch).
 
     Reruns replace the rows of the runs they write, so running the same
     backfill twice leaves one row per run and model. A model id registered by
     `metabatch fit` embeds with its fitted encoder (its weights are part of
-    it); any other id embeds with v1, bit-exact with the spec.
+    it); any other id embeds with v1, bit-exact with the spec. A lost
+    connection is retried (--retries): the job reconnects and goes on with the
+    runs not yet written.
 
     \b
     Example:
@@ -290,6 +326,7 @@ def backfill(ctx, urls, strategy_ids, start, end, limit, w_config, w_env, w_outc
           --end 2025-12-31 --limit 200 --w-config 1.0 --w-env 1.0 --w-outcome 1.0 \\
           --joint-model-id joint-meta-config-env-v1
       metabatch backfill --joint-model-id my-v2        # a model fitted with `metabatch fit`
+      metabatch backfill --batch-size 10000 --retries 10
     """
     from .backfill import backfill as run_backfill
     from .embed import Weights
@@ -312,6 +349,8 @@ def backfill(ctx, urls, strategy_ids, start, end, limit, w_config, w_env, w_outc
             batch_size,
             on_progress=report,
             weights_given=weights_given,
+            retries=retries,
+            on_retry=retry_reporter(retries),
         )
     finally:
         finish()
@@ -326,7 +365,7 @@ def backfill(ctx, urls, strategy_ids, start, end, limit, w_config, w_env, w_outc
         )
     click.echo(
         f"model {summary.model_id} ({summary.encoder}): runs read {summary.runs_read}, written {summary.written}, "
-        f"skipped {summary.skipped} (no branch taken), rejected {len(summary.rejected)}"
+        f"skipped {summary.skipped} (no branch taken), rejected {len(summary.rejected)}" + retries_note(summary.retries, ", ")
     )
     for run_id, reason in summary.rejected[:10]:
         click.echo(f"  rejected {run_id}: {reason}")
@@ -461,8 +500,9 @@ def _selection_text(selection: dict) -> str:
 @click.option("--strategy-id", "strategy_ids", multiple=True, metavar="ID", help="Only embeddings/runs of this strategy (repeatable).")
 @click.option("--start", type=DATE, help="Only embeddings with as_of_date >= this date (runs: end_date).")
 @click.option("--end", type=DATE, help="Only embeddings with as_of_date <= this date (runs: end_date).")
+@retries_option("start the export again")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def export_parquet(urls, out, model_id, strategy_ids, start, end, as_json):
+def export_parquet(urls, out, model_id, strategy_ids, start, end, retries, as_json):
     """Write a Parquet snapshot of joint_embeddings and their runs for DuckDB.
 
     DIR gets embeddings/model_id=<id>/*.parquet (the vector as FLOAT[384],
@@ -470,12 +510,14 @@ def export_parquet(urls, out, model_id, strategy_ids, start, end, as_json):
     JSON text plus one column per numeric top-level metric: sharpe,
     max_drawdown, ...), index/ (raw vectors for fast `similar`) and
     manifest.json. The snapshot is built beside DIR and swapped in at the
-    end: a failed or killed export leaves the previous one as it was.
+    end: a failed or killed export leaves the previous one as it was. A lost
+    connection is retried (--retries) by starting the export again.
 
     \b
     Example:
       metabatch export-parquet --out ./snapshot --model-id joint-meta-config-env-v1 \\
           --strategy-id US_EQ_CORE_LONG_EQ --start 2025-01-01 --end 2025-12-31
+      metabatch export-parquet --out ./snapshot --retries 10
     """
     from .snapshot import export_parquet as run_export
 
@@ -484,12 +526,16 @@ def export_parquet(urls, out, model_id, strategy_ids, start, end, as_json):
     summary = run_export(
         out, urls.historical, urls.runtime,
         model_id=model_id, strategy_id=strategy_ids, start=start, end=end,
+        retries=retries, on_retry=retry_reporter(retries),
     )
     if as_json:
         click.echo(json.dumps(summary.as_dict()))
         return
     models = ", ".join(f"{m} {n:,}" for m, n in summary.models.items()) or "none"
-    click.echo(f"snapshot {summary.path}: {summary.embeddings:,} embeddings ({models}), {summary.runs:,} runs")
+    click.echo(
+        f"snapshot {summary.path}: {summary.embeddings:,} embeddings ({models}), {summary.runs:,} runs"
+        + retries_note(summary.retries, " ")
+    )
     if summary.metric_columns:
         click.echo(f"  metric columns in runs: {', '.join(summary.metric_columns)}")
     click.echo(f"{summary.seconds:.2f}s")

@@ -25,6 +25,12 @@ class StoreUnreachable(MetabatchError):
     """The database named by a URL cannot be reached or opened."""
 
 
+class ConnectionLost(StoreUnreachable):
+    """The connection to a database was lost, or could not be made again, for a
+    reason that may pass: a server restart or failover, a dropped connection.
+    A job may reconnect and go on (see ``retry``)."""
+
+
 class MissingTable(MetabatchError):
     """A table the command needs does not exist, or lacks a column."""
 

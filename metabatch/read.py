@@ -43,15 +43,17 @@ def read_runs(
     first_rows: int | None = None,
     last_rows: int | None = None,
     seconds: dict | None = None,
+    skip: pa.Array | None = None,
 ) -> Iterator[pa.Table]:
     """``first_rows``: start with a smaller batch and double the size up to
     ``batch_rows``, so that a pipeline that waits for the first batches (the
     encoder, then the writer) starts sooner. ``last_rows``: the smallest batch
     the runs left are halved down to at the end (by default ``batch_rows``,
     which turns halving off). ``seconds``: the fetch thread adds the time it
-    spends getting record batches from the store to ``seconds["read"]``."""
+    spends getting record batches from the store to ``seconds["read"]``.
+    ``skip``: run ids not to read (see ``Store.read_runs``)."""
     last_rows = batch_rows if last_rows is None else max(1, min(last_rows, batch_rows))
-    ahead = _ReadAhead(store.read_runs(selection), batch_rows + batch_rows // 2, seconds)
+    ahead = _ReadAhead(store.read_runs(selection, skip), batch_rows + batch_rows // 2, seconds)
     try:
         size = min(first_rows or batch_rows, batch_rows)
         while True:

@@ -247,3 +247,23 @@ def test_concurrent_backfills_do_not_duplicate(pg_url):
         assert proc.returncode == 0, err
     rows = embeddings(pg_url)
     assert len(rows) == 20_000 and len({r["run_id"] for r in rows}) == 20_000
+
+
+def test_read_runs_skips_the_runs_given_and_keeps_the_limit(store_url):
+    # a resumed backfill reads the runs it has not written: the same selection, --limit included
+    import pyarrow as pa
+
+    load(store_url, runs_table())
+    store = open_store(parse_url(store_url))
+    try:
+        def read(selection, skip=None):
+            return [r for b in store.read_runs(selection, skip) for r in b.column("run_id").to_pylist()]
+
+        top = read(RunSelection(limit=5))
+        assert len(top) == 5
+        assert sorted(read(RunSelection(limit=5), pa.array(top[:2]))) == sorted(top[2:])
+        everything = read(RunSelection())
+        assert sorted(read(RunSelection(), pa.array(everything[::2]))) == sorted(everything[1::2])
+        assert read(RunSelection(), pa.array(everything)) == []
+    finally:
+        store.close()

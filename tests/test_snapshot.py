@@ -263,16 +263,16 @@ def test_export_replaces_a_snapshot_and_refuses_other_folders(database, tmp_path
 
 
 def test_failed_export_leaves_the_previous_snapshot(database, tmp_path, monkeypatch):
-    import metabatch.snapshot as snapshot_module
+    from metabatch.snapshot.runs import RunWriter
 
     out = tmp_path / "snap"
     export_parquet(out, database)
     before = tree_digest(out)
 
-    def broken(self, table):
+    def broken(self, *args):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(snapshot_module._RunWriter, "write", broken)
+    monkeypatch.setattr(RunWriter, "write", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         export_parquet(out, database)
     assert tree_digest(out) == before
@@ -293,7 +293,9 @@ _PAUSE = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    import metabatch.snapshot as S
+    import metabatch.snapshot.export as S
+    from metabatch.snapshot.embeddings import EmbeddingWriter
+    from metabatch.snapshot.runs import RunWriter
     out, url, marker, where = sys.argv[1:5]
     def pause(original):
         def wrapper(*args, **kwargs):
@@ -303,9 +305,9 @@ _PAUSE = textwrap.dedent(
             return result
         return wrapper
     if where == "embeddings":
-        S._EmbeddingWriter.add = pause(S._EmbeddingWriter.add)
+        EmbeddingWriter.add = pause(EmbeddingWriter.add)
     elif where == "runs":
-        S._RunWriter.write = pause(S._RunWriter.write)
+        RunWriter.write = pause(RunWriter.write)
     else:
         original = S.swap_in
         def swap(new, target):

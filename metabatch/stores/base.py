@@ -119,8 +119,10 @@ class Store(Protocol):
     def insert_runs(self, runs: pa.Table) -> int:
         """Insert runs (RUN columns plus start_date; JSON as text), skipping existing run_ids."""
 
-    def read_runs(self, selection: RunSelection) -> Iterator[pa.RecordBatch]:
-        """Stream the selected runs (RUN_COLUMNS, JSON as text) in record batches."""
+    def read_runs(self, selection: RunSelection, skip: pa.Array | None = None) -> Iterator[pa.RecordBatch]:
+        """Stream the selected runs (RUN_COLUMNS, JSON as text) in record batches;
+        with ``skip``, the selected runs whose run_id is not in it (a resumed
+        job's runs already written: ``limit`` still picks the same runs)."""
 
     def replace_embeddings(self, rows: pa.Table, joint_type: str, model_id: str) -> None:
         """In one transaction: delete the (joint_type, model_id) rows of the runs in

@@ -302,10 +302,13 @@ class DuckDBStore:
         (count,) = self.conn.sql(f"SELECT count(*) FROM backtest_runs{where}", params=params or None).fetchall()[0]
         return int(count) if selection.limit is None else min(int(count), selection.limit)
 
-    def _stream(self, query: str, params: list) -> Iterator[pa.RecordBatch]:
-        """The query's rows in record batches, read on a cursor of its own."""
+    def _stream(self, query: str, params: list, tables: dict | None = None) -> Iterator[pa.RecordBatch]:
+        """The query's rows in record batches, read on a cursor of its own
+        (on which the Arrow ``tables`` are registered by name)."""
         cur = self._root.cursor()
         try:
+            for name, table in (tables or {}).items():
+                cur.register(name, table)
             reader = cur.sql(query, params=params or None).to_arrow_reader(_READ_BATCH_ROWS)
             for batch in reader:
                 if batch.num_rows:
@@ -313,7 +316,7 @@ class DuckDBStore:
         finally:
             cur.close()
 
-    def read_runs(self, selection: RunSelection) -> Iterator[pa.RecordBatch]:
+    def read_runs(self, selection: RunSelection, skip: pa.Array | None = None) -> Iterator[pa.RecordBatch]:
         self.check_table("backtest_runs")
         where, params = self._where(selection, metrics_required=True)
         query = (
@@ -324,6 +327,12 @@ class DuckDBStore:
         if selection.limit is not None:
             query += " ORDER BY end_date DESC, run_id DESC LIMIT ?"
             params.append(int(selection.limit))
+        if skip is not None and len(skip):
+            query = (
+                f"SELECT * FROM ({query}) AS selected WHERE NOT EXISTS"
+                " (SELECT 1 FROM mb_skip_runs s WHERE s.run_id = selected.run_id)"
+            )
+            return self._stream(query, params, {"mb_skip_runs": pa.table({"run_id": skip.cast(pa.string())})})
         return self._stream(query, params)
 
     def stream_run_details(self, selection: RunSelection) -> Iterator[pa.RecordBatch]:

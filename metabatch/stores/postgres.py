@@ -6,10 +6,16 @@ so the strategy ids go into a temporary table first and the dates and limit,
 which metabatch has already parsed into ``date`` and ``int``, are printed as
 literals. Writes lock (joint_type, model_id), delete the old rows of the
 batch's runs and COPY the new ones in, in one transaction.
+
+A lost connection (server restart, failover, dropped connection) comes out of
+every method as ``ConnectionLost``, which a job may retry (``retry``); any
+other error is raised as the driver gives it.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from typing import Iterator
 
@@ -18,7 +24,7 @@ import adbc_driver_postgresql.dbapi as adbc
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import StoreUnreachable
+from ..errors import ConnectionLost, StoreUnreachable
 from ..resources import resource_dir
 from ..urls import DatabaseURL
 from .base import (
@@ -51,6 +57,85 @@ def _scrub(message: str, url: DatabaseURL) -> str:
     if password and password.group(1):
         first = first.replace(password.group(1), "***")
     return first
+
+
+# A connection that is gone, or refused for a while: SQLSTATE class 08
+# (connection exception), 57P01 admin shutdown, 57P02 crash shutdown, 57P03
+# cannot connect now. libpq reports most of these with no SQLSTATE (ADBC then
+# gives none either), so its messages, and the server's, are recognised too.
+_LOST_SQLSTATES = ("57P01", "57P02", "57P03")
+_LOST_MESSAGES = re.compile(
+    "|".join(
+        [
+            r"server closed the connection unexpectedly",
+            r"no connection to the server",
+            r"could not (receive|send) data (from|to) server",
+            r"terminating connection due to administrator command",
+            r"terminating connection because of crash of another server process",
+            r"the database system is (starting up|shutting down|in recovery mode|not yet accepting connections)",
+            r"connection refused",
+            r"connection reset by peer",
+            r"broken pipe",
+            r"connection timed out",
+            r"timeout expired",
+            r"no route to host",
+            r"network is unreachable",
+            r"SSL SYSCALL error",
+        ]
+    ),
+    re.IGNORECASE,
+)
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether a driver error means that the connection is gone, or refused,
+    for a reason that may pass (a missing table or bad SQL does not)."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate:
+        return sqlstate.startswith("08") or sqlstate in _LOST_SQLSTATES
+    return isinstance(exc, (adbc_driver_manager.Error, OSError)) and bool(_LOST_MESSAGES.search(str(exc)))
+
+
+def _lost_connections(method):
+    """The method (or generator) raises ConnectionLost for a lost connection."""
+
+    def check(self, exc: Exception) -> None:
+        if connection_lost(exc):
+            raise ConnectionLost(
+                f"lost the connection to `{self.url.redacted}`: {_scrub(exc, self.url)}",
+                "check that the server is up, then rerun",
+            ) from exc
+
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def generator(self, *args, **kwargs):
+            try:
+                yield from method(self, *args, **kwargs)
+            except Exception as exc:
+                check(self, exc)
+                raise
+
+        return generator
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            check(self, exc)
+            raise
+
+    return wrapper
+
+
+def _quietly(close) -> None:
+    """Call ``close`` on the way out of an error, which its own error must not hide
+    (a rollback on a lost connection fails too)."""
+    try:
+        close()
+    except Exception:
+        pass
 
 
 def json_array(texts: pa.Array) -> pa.Array:
@@ -92,13 +177,15 @@ class PostgresStore:
         try:
             self.conn = adbc.connect(url.raw)
         except Exception as exc:  # the driver raises several types; all mean "cannot connect"
-            raise StoreUnreachable(
+            error = ConnectionLost if connection_lost(exc) else StoreUnreachable
+            raise error(
                 f"cannot connect to `{url.redacted}`: {_scrub(exc, url)}",
                 "check the URL and that the server is running",
             ) from None
 
     # -- schema
 
+    @_lost_connections
     def migrate(self, part: str) -> list[str]:
         steps = sorted((resource_dir("migrations") / "postgres" / part).glob("*.sql"))
         applied = []
@@ -122,6 +209,7 @@ class PostgresStore:
         self.check_table("backtest_runs" if part == "runtime" else "joint_embeddings")
         return applied
 
+    @_lost_connections
     def check_table(self, table: str) -> None:
         """MissingTable unless ``table`` exists with the columns metabatch uses."""
         require_columns(self.url, table, self._columns(table))
@@ -139,6 +227,7 @@ class PostgresStore:
 
     # -- runs
 
+    @_lost_connections
     def insert_runs(self, runs: pa.Table) -> int:
         runs = runs.set_column(runs.schema.get_field_index("config_json"), "config_json", json_array(runs.column("config_json").combine_chunks()))
         runs = runs.set_column(runs.schema.get_field_index("metrics_json"), "metrics_json", json_array(runs.column("metrics_json").combine_chunks()))
@@ -154,6 +243,7 @@ class PostgresStore:
         self.conn.commit()
         return inserted
 
+    @_lost_connections
     def count_runs(self, selection: RunSelection) -> int:
         query = self._runs_query(selection, "count(*)")
         with self.conn.cursor() as cur:
@@ -162,8 +252,10 @@ class PostgresStore:
         self.conn.commit()
         return int(count) if selection.limit is None else min(int(count), selection.limit)
 
-    def _runs_query(self, selection: RunSelection, columns: str) -> str:
-        """The param-free query for the selection (strategy ids go to a temp table)."""
+    @_lost_connections
+    def _runs_query(self, selection: RunSelection, columns: str, skip: pa.Array | None = None) -> str:
+        """The param-free query for the selection (strategy ids and the run ids
+        to ``skip`` go to temp tables)."""
         self.check_table("backtest_runs")
         where = ["metrics_json IS NOT NULL"]
         with self.conn.cursor() as cur:
@@ -180,10 +272,23 @@ class PostgresStore:
         query = f"SELECT {columns} FROM backtest_runs WHERE {' AND '.join(where)}"
         if selection.limit is not None and columns != "count(*)":
             query += f" ORDER BY end_date DESC, run_id DESC LIMIT {int(selection.limit)}"
+        if skip is not None and len(skip):
+            with self.conn.cursor() as cur:
+                skipped = pa.table({"run_id": skip.cast(pa.string())})
+                cur.adbc_ingest("metabatch_skip_runs", _in_chunks(skipped), mode="replace", temporary=True)
+                cur.execute("ANALYZE metabatch_skip_runs")
+            self.conn.commit()
+            # after the limit (the same runs are selected), and NOT EXISTS, an
+            # anti join: NOT IN rescans its list per row once it outgrows work_mem
+            query = (
+                f"SELECT * FROM ({query}) AS selected WHERE NOT EXISTS"
+                " (SELECT 1 FROM metabatch_skip_runs s WHERE s.run_id = selected.run_id)"
+            )
         return query
 
-    def read_runs(self, selection: RunSelection) -> Iterator[pa.RecordBatch]:
-        query = self._runs_query(selection, ", ".join(RUN_COLUMNS))
+    @_lost_connections
+    def read_runs(self, selection: RunSelection, skip: pa.Array | None = None) -> Iterator[pa.RecordBatch]:
+        query = self._runs_query(selection, ", ".join(RUN_COLUMNS), skip)
         cur = self.conn.cursor()
         cur.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(_RUNS_BATCH_BYTES)})
         try:
@@ -191,12 +296,16 @@ class PostgresStore:
             reader = cur.fetch_record_batch()
             for batch in reader:
                 yield _plain(batch.select(list(RUN_COLUMNS)))
-        finally:
-            cur.close()
-            self.conn.rollback()
+        except BaseException:
+            _quietly(cur.close)
+            _quietly(self.conn.rollback)
+            raise
+        cur.close()
+        self.conn.rollback()
 
     # -- embeddings
 
+    @_lost_connections
     def replace_embeddings(self, rows: pa.Table, joint_type: str, model_id: str) -> None:
         """Upsert one batch: a run's existing row is updated in place (its joint_id
         stays), its duplicates are deleted, and new runs are COPied in."""
@@ -258,11 +367,12 @@ class PostgresStore:
                     cur.adbc_ingest("joint_embeddings", _in_chunks(table), mode="append")
             self.conn.commit()
         except BaseException:
-            self.conn.rollback()
+            _quietly(self.conn.rollback)
             raise
 
     # -- snapshots and queries (param-free queries, so that ADBC streams them)
 
+    @_lost_connections
     def _values_filter(self, name: str, column: str, values) -> str:
         """A condition ``column IN (values)``, the values held in a temp table (never in the SQL text)."""
         table = f"metabatch_q_{name}"
@@ -271,6 +381,7 @@ class PostgresStore:
         self.conn.commit()
         return f"{column} IN (SELECT v FROM {table})"
 
+    @_lost_connections
     def _stream(self, query: str, columns) -> Iterator[pa.RecordBatch]:
         cur = self.conn.cursor()
         cur.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(_READ_BATCH_BYTES)})
@@ -279,10 +390,14 @@ class PostgresStore:
             for batch in cur.fetch_record_batch():
                 if batch.num_rows:
                     yield _plain(batch.select(list(columns)))
-        finally:
-            cur.close()
-            self.conn.rollback()
+        except BaseException:
+            _quietly(cur.close)
+            _quietly(self.conn.rollback)
+            raise
+        cur.close()
+        self.conn.rollback()
 
+    @_lost_connections
     def stream_embeddings(self, flt: EmbeddingFilter) -> Iterator[pa.RecordBatch]:
         """See Store.stream_embeddings. ``flt.extra`` may also hold ``joint_type``,
         ``run_ids``, ``universe_ids`` and ``limit`` (first rows by as_of_date, joint_id)."""
@@ -317,6 +432,7 @@ class PostgresStore:
             query += f" ORDER BY as_of_date, joint_id LIMIT {int(extra['limit'])}"
         return self._stream(query, EMBEDDING_READ_COLUMNS)
 
+    @_lost_connections
     def stream_run_details(self, selection: RunSelection) -> Iterator[pa.RecordBatch]:
         self.check_table("backtest_runs")
         where = []

@@ -1,0 +1,204 @@
+"""``export_parquet``: the selected embeddings and their runs, read from the
+stores and written as a snapshot (see the package docstring for its files).
+
+Reads and writes overlap, each stage on a thread of its own
+(``pipes.Prefetch``): the embeddings are read from the historical store,
+converted (``EmbeddingWriter``) and written as Parquet (``write_parts``)
+while the runs are read from the runtime store and their metrics extracted
+(``RunWriter.prepared``); the runs are written once the embeddings are done,
+since only runs with an exported embedding go in.
+
+A lost database connection is retried (``retry``) by starting the export
+again in a new build folder; the snapshot at ``out`` is only replaced once a
+new one is complete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..embed import JOINT_TYPE
+from ..errors import BadInput, ConnectionLost, MetabatchError
+from ..pipes import Prefetch, stop_all
+from ..retry import DEFAULT_RETRIES, Retries, open_for_attempt
+from ..stores.base import EmbeddingFilter, RunSelection
+from ..urls import DatabaseURL, parse_url
+from .embeddings import EmbeddingWriter, embedding_parts, write_parts
+from .manifest import make_manifest, write_manifest
+from .runs import RunWriter
+from .swap import check_out_folder, new_build_folder, remove_leftovers, swap_in
+
+
+@dataclass
+class ExportSummary:
+    path: Path
+    embeddings: int = 0
+    runs: int = 0
+    models: dict[str, int] = field(default_factory=dict)
+    metric_columns: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    retries: int = 0  # restarts after a lost connection
+    manifest: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "path": str(self.path),
+            "embeddings": self.embeddings,
+            "runs": self.runs,
+            "models": self.models,
+            "metric_columns": self.metric_columns,
+            "seconds": round(self.seconds, 3),
+            "retries": self.retries,
+        }
+
+
+def _as_url(url) -> DatabaseURL:
+    return url if isinstance(url, DatabaseURL) else parse_url(str(url))
+
+
+def _ids(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+def export_parquet(
+    out: str | os.PathLike,
+    historical_url: str | DatabaseURL,
+    runtime_url: str | DatabaseURL | None = None,
+    *,
+    model_id: str | None = None,
+    strategy_id: str | Sequence[str] | None = None,
+    start: dt.date | None = None,
+    end: dt.date | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    retries: int = DEFAULT_RETRIES,
+    on_retry: Callable[[ConnectionLost, int, float], None] | None = None,
+) -> ExportSummary:
+    """Write a snapshot of the selected META_CONFIG_ENV_V0 embeddings (all model
+    ids unless ``model_id``) and their runs to ``out``, replacing the snapshot
+    there only once the new one is complete.
+
+    ``on_progress(embeddings_written)`` is called as embeddings are written.
+    ``retries``: how many times in a row to start again after a lost
+    connection (0: fail at once); ``on_retry`` is called before each wait
+    (see ``retry.Retries``).
+    """
+    started = time.perf_counter()
+    historical = _as_url(historical_url)
+    runtime = _as_url(runtime_url) if runtime_url is not None else historical
+    strategy_ids = _ids(strategy_id)
+    if start and end and start > end:
+        raise BadInput(f"--start {start} is after --end {end}")
+    out = Path(out).absolute()
+    check_out_folder(out)
+    remove_leftovers(out)
+    flt = EmbeddingFilter(model_id, strategy_ids, start, end, extra={"joint_type": JOINT_TYPE})
+
+    def attempt(first: bool) -> tuple[Path, tuple[dict, dict]]:
+        build = new_build_folder(out)
+        try:
+            return build, _write_snapshot(
+                build, historical, runtime, flt, RunSelection(strategy_ids, start, end), on_progress, first
+            )
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+
+    attempts = Retries(retries, on_retry)
+    try:
+        build, (emb_section, runs_section) = attempts.run(attempt)
+    except ConnectionLost as exc:
+        after = attempts.describe()
+        kept = f"the snapshot at `{out}` is unchanged" if out.exists() else f"nothing was written to `{out}`"
+        raise MetabatchError(
+            f"export stopped{after}: {exc.message}; {kept}",
+            "rerun the same command to export" + ("" if retries else "; --retries N reconnects on its own"),
+        ) from exc
+    try:
+        selection = {
+            "model_id": model_id,
+            "strategy_ids": list(strategy_ids),
+            "start": start.isoformat() if start else None,
+            "end": end.isoformat() if end else None,
+        }
+        manifest = make_manifest(
+            historical, runtime, selection, emb_section, runs_section, time.perf_counter() - started
+        )
+        write_manifest(build, manifest)
+        swap_in(build, out)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    return ExportSummary(
+        path=out,
+        embeddings=emb_section["rows"],
+        runs=runs_section["rows"],
+        models={m: e["rows"] for m, e in emb_section["models"].items()},
+        metric_columns=runs_section["metric_columns"],
+        seconds=time.perf_counter() - started,
+        retries=attempts.made,
+        manifest=manifest,
+    )
+
+
+def _write_snapshot(
+    build: Path,
+    historical: DatabaseURL,
+    runtime: DatabaseURL,
+    flt: EmbeddingFilter,
+    selection: RunSelection,
+    on_progress: Callable[[int], None] | None,
+    first: bool,
+) -> tuple[dict, dict]:
+    """Write the embeddings, index and runs files into ``build``; returns the
+    manifest's ``embeddings`` and ``runs`` sections. ``first``: the export's
+    first attempt (see ``open_for_attempt``)."""
+    stores = []
+    stages: list[Prefetch] = []
+    emb_writer = EmbeddingWriter(build)
+    run_writer = RunWriter(build)
+    try:
+        emb_store = open_for_attempt(historical, first, read_only=True)
+        stores.append(emb_store)
+        run_store = open_for_attempt(runtime, first, read_only=True)
+        stores.append(run_store)
+        emb_store.check_table("joint_embeddings")
+        run_store.check_table("backtest_runs")
+
+        def stage(source, ahead):
+            stages.append(Prefetch(source, ahead))
+            return stages[-1]
+
+        embedding_batches = stage(emb_store.stream_embeddings(flt), 4)
+        run_batches = stage(run_store.stream_run_details(selection), 8)
+        # the runs' chunks are held until the embeddings are done (the database keeps streaming meanwhile)
+        prepared_runs = stage(run_writer.prepared(run_batches), None)
+        parts = stage(embedding_parts(emb_writer, embedding_batches), 2)
+        done = 0
+        for rows in stage(write_parts(parts), 1):
+            prepared_runs.check()  # a failed read of the runs fails the export now
+            done += rows
+            if on_progress and rows:
+                on_progress(done)
+        run_ids = emb_writer.run_id_set()
+        for table in prepared_runs:
+            run_writer.write(table, run_ids)
+        return emb_writer.section(), run_writer.section()
+    except BaseException:
+        stop_all(stages)
+        emb_writer.abort()
+        raise
+    finally:
+        # every stage has ended (its database stream closed) before the stores close
+        stop_all(stages)
+        for store in stores:
+            store.close()
