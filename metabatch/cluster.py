@@ -71,8 +71,6 @@ def cluster_runs(
     on_progress: Callable[[str], None] | None = None,
 ) -> Clustering:
     """See the module docstring."""
-    from sklearn.cluster import MiniBatchKMeans
-
     if on not in BRANCHES:
         raise BadInput(f"--on {on!r}: use one of {', '.join(BRANCHES)}")
     if k is not None and k < 2:
@@ -95,7 +93,7 @@ def cluster_runs(
         chosen_by = "silhouette"
     progress(f"k-means, k = {k}")
     fit_rows = held if len(held) <= FIT_SAMPLE else np.sort(rng.choice(held, FIT_SAMPLE, replace=False))
-    kmeans = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=8192, max_iter=200)
+    kmeans = _kmeans(k, seed, len(fit_rows))
     kmeans.fit(x[fit_rows])
     labels = np.full(len(space), -1, np.int64)
     distance = np.full(len(space), np.nan)
@@ -115,7 +113,6 @@ def cluster_runs(
 
 def choose_k(x: np.ndarray, seed: int, rng: np.random.Generator) -> tuple[int, dict[int, float]]:
     """The k of ``K_CHOICES`` with the best mean silhouette on a sample of ``x``."""
-    from sklearn.cluster import MiniBatchKMeans
     from sklearn.metrics import silhouette_score
 
     sample = x if len(x) <= SILHOUETTE_SAMPLE else x[np.sort(rng.choice(len(x), SILHOUETTE_SAMPLE, replace=False))]
@@ -124,13 +121,21 @@ def choose_k(x: np.ndarray, seed: int, rng: np.random.Generator) -> tuple[int, d
     for k in K_CHOICES:
         if k >= min(distinct, max(3, len(sample) // 10)):
             break
-        labels = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096).fit_predict(sample)
+        labels = _kmeans(k, seed, len(sample)).fit_predict(sample)
         if len(np.unique(labels)) < 2:
             continue
         scores[k] = float(silhouette_score(sample, labels, metric="euclidean", random_state=seed))
     if not scores:
         return 2, scores
     return max(scores, key=lambda c: (round(scores[c], 3), -c)), scores
+
+
+def _kmeans(k: int, seed: int, n: int):
+    """scikit-learn's MiniBatchKMeans, its k-means++ start drawn from a sample of
+    20 runs per cluster (from all of them it was 70% of the time at k = 40)."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    return MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096, max_iter=200, init_size=min(n, max(20 * k, 1024)))
 
 
 def _by_size(labels: np.ndarray, k: int) -> np.ndarray:

@@ -31,6 +31,7 @@ from ..stores.base import EmbeddingFilter, RunSelection
 from ..urls import DatabaseURL, parse_url
 from .embeddings import EmbeddingWriter, embedding_parts, write_parts
 from .manifest import make_manifest, write_manifest
+from .models import ModelWriter
 from .runs import RunWriter
 from .swap import check_out_folder, new_build_folder, remove_leftovers, swap_in
 
@@ -103,7 +104,7 @@ def export_parquet(
     remove_leftovers(out)
     flt = EmbeddingFilter(model_id, strategy_ids, start, end, extra={"joint_type": JOINT_TYPE})
 
-    def attempt(first: bool) -> tuple[Path, tuple[dict, dict]]:
+    def attempt(first: bool) -> tuple[Path, tuple[dict, dict, dict]]:
         build = new_build_folder(out)
         try:
             return build, _write_snapshot(
@@ -115,7 +116,7 @@ def export_parquet(
 
     attempts = Retries(retries, on_retry)
     try:
-        build, (emb_section, runs_section) = attempts.run(attempt)
+        build, (emb_section, runs_section, models_section) = attempts.run(attempt)
     except ConnectionLost as exc:
         after = attempts.describe()
         kept = f"the snapshot at `{out}` is unchanged" if out.exists() else f"nothing was written to `{out}`"
@@ -131,7 +132,7 @@ def export_parquet(
             "end": end.isoformat() if end else None,
         }
         manifest = make_manifest(
-            historical, runtime, selection, emb_section, runs_section, time.perf_counter() - started
+            historical, runtime, selection, emb_section, runs_section, time.perf_counter() - started, models_section
         )
         write_manifest(build, manifest)
         swap_in(build, out)
@@ -158,14 +159,13 @@ def _write_snapshot(
     selection: RunSelection,
     on_progress: Callable[[int], None] | None,
     first: bool,
-) -> tuple[dict, dict]:
-    """Write the embeddings, index and runs files into ``build``; returns the
-    manifest's ``embeddings`` and ``runs`` sections. ``first``: the export's
+) -> tuple[dict, dict, dict]:
+    """Write the embeddings, index, runs and models files into ``build``; returns
+    the manifest's ``embeddings``, ``runs`` and ``models`` sections. ``first``: the export's
     first attempt (see ``open_for_attempt``)."""
     stores = []
     stages: list[Prefetch] = []
     emb_writer = EmbeddingWriter(build)
-    run_writer = RunWriter(build)
     try:
         emb_store = open_for_attempt(historical, first, read_only=True)
         stores.append(emb_store)
@@ -173,6 +173,9 @@ def _write_snapshot(
         stores.append(run_store)
         emb_store.check_table("joint_embeddings")
         run_store.check_table("backtest_runs")
+        wanted = [flt.model_id] if flt.model_id is not None else [m["model_id"] for m in emb_store.list_models()]
+        model_writer = ModelWriter(build, [row for row in map(emb_store.read_model, wanted) if row is not None])
+        run_writer = RunWriter(build, model_writer.add_runs)
 
         def stage(source, ahead):
             stages.append(Prefetch(source, ahead))
@@ -192,7 +195,8 @@ def _write_snapshot(
         run_ids = emb_writer.run_id_set()
         for table in prepared_runs:
             run_writer.write(table, run_ids)
-        return emb_writer.section(), run_writer.section()
+        embeddings = emb_writer.section()
+        return embeddings, run_writer.section(), model_writer.section(embeddings["models"], run_ids)
     except BaseException:
         stop_all(stages)
         emb_writer.abort()

@@ -39,6 +39,7 @@ def make_manifest(
     embeddings: dict,
     runs: dict,
     seconds: float,
+    models: dict | None = None,
 ) -> dict:
     """The manifest of a snapshot: ``selection`` (model_id, strategy_ids, start,
     end as JSON values), the ``embeddings`` and ``runs`` sections their writers
@@ -53,6 +54,7 @@ def make_manifest(
         "selection": {"joint_type": JOINT_TYPE, **selection},
         "embeddings": embeddings,
         "runs": runs,
+        "models": models or {},
         "export_seconds": round(seconds, 3),
     }
 

@@ -62,8 +62,9 @@ def extract_metrics(con: duckdb.DuckDBPyConnection, runs: pa.Table, keys: Sequen
 class RunWriter:
     """Runs part files; metric columns grow as new numeric keys appear."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, on_chunk=None):
         self.root = root
+        self.on_chunk = on_chunk  # called with (con, runs) for each chunk: the models' env values
         self.keys: list[str] = []  # numeric metric keys known so far
         self.files: list[str] = []
         self.rows = 0
@@ -88,6 +89,8 @@ class RunWriter:
             con.close()
 
     def _prepare(self, con: duckdb.DuckDBPyConnection, runs: pa.Table) -> pa.Table:
+        if self.on_chunk is not None:
+            self.on_chunk(con, runs)
         candidates = metric_keys(con, runs)
         new = [k for k in candidates if k not in self.keys]
         metrics = extract_metrics(con, runs, sorted(set(self.keys) | set(new)))
