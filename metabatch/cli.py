@@ -661,6 +661,194 @@ def sql(query, snapshot, fmt):
 
 
 # --------------------------------------------------------------------------
+# suggest / cluster / landscape: the Meta-Orchestrator's workflows (v2 models)
+
+
+def workflow_options(func):
+    """--model-id, --snapshot or the databases, and the run filters of the workflows."""
+    func = click.option("--end", type=DATE, help="Only runs with as_of_date <= this date.")(func)
+    func = click.option("--start", type=DATE, help="Only runs with as_of_date >= this date.")(func)
+    func = click.option("--strategy-id", "strategy_ids", multiple=True, metavar="ID", help="Only runs of this strategy (repeatable).")(func)
+    func = snapshot_option(func)
+    func = database_options(func)
+    return click.option(
+        "--model-id", default="joint-meta-config-env-v2", show_default=True, metavar="ID",
+        help="A v2 model (registered by `metabatch fit`, or the built-in id once backfilled).",
+    )(func)
+
+
+def _space_source(urls, snapshot):
+    if snapshot:
+        return {"snapshot": snapshot}
+    return {"historical_url": urls.historical, "runtime_url": urls.runtime}
+
+
+def stage_reporter(quiet: bool):
+    """A callback (message) printing the stages of a long job on stderr, on a terminal."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    return lambda message: click.echo(f"metabatch: {message}...", err=True)
+
+
+@main.command()
+@workflow_options
+@click.option("--like-run", metavar="RUN_ID", help="The target environment is this run's.")
+@click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="The target environment key by key (repeatable): env config paths and env metrics of the model; values parsed as JSON where they parse.")
+@click.option("--metric", metavar="NAME", help="Rank by this metric [default: annualised_sharpe, else the first Sharpe-like one].")
+@click.option("--minimise", is_flag=True, help="Lower is better (drawdown-like metrics).")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="How many distinct configs to suggest.")
+@click.option("--neighbours", type=click.IntRange(min=1), default=1000, show_default=True, help="Runs of the most similar environments to draw from (ties at the edge kept).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), help="table (default on a terminal), json (default otherwise) or csv.")
+def suggest(urls, model_id, snapshot, strategy_ids, start, end, like_run, env, metric, minimise, top_k, neighbours, fmt):
+    """Suggest configs to try next in an environment (to revalidate by backtests).
+
+    The runs tried in the environments most like the target (env-slice
+    cosine; with --env, on the keys given alone) are ranked by --metric, and
+    near-duplicate configs (config-slice cosine >= 0.9) grouped, so that each
+    suggestion is a distinct config: its best run's config, the paths where
+    it differs from --like-run's, its supporting runs best first, how many,
+    the metric's mean and spread over them (ranked by that mean, shrunk
+    towards the neighbourhood's by 2 runs' worth) and how similar their
+    environments were (mean env cosine).
+
+    \b
+    Example:
+      metabatch suggest --snapshot ./snapshot --like-run BT_RUN_123 --model-id my-v2 --top-k 5
+      metabatch suggest --env market_id=US_EQ --env universe_id=US_EQ_SP500 \\
+          --env assessment_horizon_days=21 --model-id my-v2 --format json
+    """
+    from .query import format_frame
+    from .suggest import plan_suggestions
+
+    if start and end and start > end:
+        raise click.UsageError(f"--start {start} is after --end {end}")
+    if bool(like_run) == bool(env):
+        raise click.UsageError("give the target environment as --like-run RUN_ID or as --env KEY=VALUE (one of the two)")
+    result = plan_suggestions(
+        model_id, like_run=like_run, env=list(env) or None, metric=metric, minimise=minimise, top_k=top_k,
+        strategy_id=list(strategy_ids), start=start, end=end, neighbours=neighbours, **_space_source(urls, snapshot),
+    )
+    fmt = fmt or ("table" if sys.stdout.isatty() else "json")
+    if fmt == "json":
+        click.echo(json.dumps(result.as_dict(), default=str))
+        return
+    frame = result.frame.with_columns(
+        best_run=pl_first("run_ids"), run_ids=pl_join("run_ids"), differs=pl_join("differs"),
+    ).select("rank", "mean", "std", "support", "env_cosine", "best_run", "differs", "config", "run_ids")
+    if fmt == "csv":
+        click.echo(format_frame(frame, "csv"), nl=False)
+        return
+    target = result.target
+    where = f"run {target['like_run']}'s environment" if target.get("like_run") else "environment " + ", ".join(f"{k}={v}" for k, v in target["env"].items())
+    hood = target["neighbourhood"]
+    click.echo(
+        f"configs to try in {where} (model {model_id}), by {target['metric']}{' (lower is better)' if minimise else ''};"
+        f" from the {hood['runs']:,} runs of the most similar environments (env cosine >= {hood['min_env_cosine']:.3f})"
+    )
+    click.echo(format_frame(frame.drop("run_ids"), "table", 3), nl=False)
+
+
+def pl_first(column: str):
+    import polars as pl
+
+    return pl.col(column).list.first()
+
+
+def pl_join(column: str):
+    import polars as pl
+
+    return pl.col(column).list.join(" ")
+
+
+@main.command()
+@workflow_options
+@click.option("--on", "on", type=click.Choice(["joint", "config", "env", "outcome"]), default="joint", show_default=True, help="The slice to cluster on.")
+@click.option("--k", "k", type=click.IntRange(min=2), help="Clusters; without it the tool picks k by silhouette (on a 4,000-run sample, k from 2 to 60) and says which.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed: same seed, same clusters.")
+@click.option("--metric", metavar="NAME", help="The metric the summary shows [default: annualised_sharpe, else the first Sharpe-like one].")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=str), metavar="FILE.parquet", help="Write run_id, cluster, distance here [default with --snapshot: DIR/clusters/<model>/<on>.parquet].")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+@format_option(default="table", choices=("table", "csv", "json"))
+def cluster(urls, model_id, snapshot, strategy_ids, start, end, on, k, seed, metric, out, quiet, fmt):
+    """Group runs by behaviour: k-means on one slice of a v2 model's space.
+
+    Prints a summary per cluster: size, the metric's mean and spread, the
+    dominant strategies and universes, a representative run (nearest the
+    centroid) and the config paths whose values set the cluster apart. The
+    assignments go to --out, or with --snapshot into the snapshot (a
+    `clusters` view in `metabatch sql`). scikit-learn's MiniBatchKMeans on the
+    L2-normalised slices, deterministic for a --seed.
+
+    \b
+    Example:
+      metabatch cluster --model-id my-v2 --on config --k 40 --out clusters.parquet
+      metabatch cluster --snapshot ./snapshot --model-id my-v2 --on joint
+    """
+    from .cluster import cluster_runs, snapshot_clusters_path, write_assignments
+    from .query import format_frame
+
+    if start and end and start > end:
+        raise click.UsageError(f"--start {start} is after --end {end}")
+    if out and not out.endswith(".parquet"):
+        raise click.UsageError("--out must end in .parquet")
+    result = cluster_runs(
+        model_id, on=on, k=k, seed=seed, metric=metric, strategy_id=list(strategy_ids), start=start, end=end,
+        on_progress=stage_reporter(quiet), **_space_source(urls, snapshot),
+    )
+    path = out or (snapshot_clusters_path(snapshot, model_id, on) if snapshot else None)
+    if path is not None:
+        if not out:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        write_assignments(result, path)
+    if fmt == "json":
+        click.echo(json.dumps({"k": result.k, "chosen_by": result.chosen_by, "on": on, "out": str(path) if path else None, "clusters": result.summary.to_dicts()}, default=str))
+        return
+    if fmt == "csv":
+        click.echo(format_frame(result.summary, "csv"), nl=False)
+        return
+    how = "given" if result.chosen_by == "given" else "picked by silhouette: " + ", ".join(f"{c}: {v:.3f}" for c, v in result.silhouettes.items())
+    click.echo(f"{result.k} clusters of {result.assignments.height:,} runs on the {on} slice of {model_id} (k {how})")
+    if result.metric:
+        click.echo(f"mean and std: {result.metric}")
+    click.echo(format_frame(result.summary, "table", 3), nl=False)
+    click.echo(f"assignments: {path}" if path else "assignments not written (give --out FILE.parquet)")
+
+
+@main.command()
+@workflow_options
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str), metavar="FILE.html|FILE.png", help="An interactive page (.html, opens offline) or a picture (.png).")
+@click.option("--color", default="annualised_sharpe", show_default=True, metavar="METRIC|cluster|strategy|universe", help="What colours the points.")
+@click.option("--on", "on", type=click.Choice(["joint", "config", "env", "outcome"]), default="joint", show_default=True, help="The slice to lay out (PCA to 2-D).")
+@click.option("--clusters", type=click.Path(dir_okay=False, exists=True, path_type=str), metavar="FILE.parquet", help="Clusters for --color cluster [default with --snapshot: the snapshot's clusters on --on].")
+@click.option("--max-points", type=click.IntRange(min=10), default=60_000, show_default=True, help="More runs than this: a stratified sample (said on the page).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the sample and the PCA.")
+def landscape(urls, model_id, snapshot, strategy_ids, start, end, out, color, on, clusters, max_points, seed):
+    """Draw the landscape of the runs: a 2-D PCA of a v2 model's space, coloured.
+
+    Coloured by a metric, by `cluster` (from `metabatch cluster`), by
+    strategy or by universe. An .html page is self-contained (no script from
+    the network): hovering a point names its run, strategy, universe, colour
+    value and the config values that tell runs apart most. A .png is a
+    picture for reports. More runs than --max-points: a stratified sample.
+
+    \b
+    Example:
+      metabatch landscape --model-id my-v2 --color annualised_sharpe --out landscape.html
+      metabatch landscape --snapshot ./snapshot --model-id my-v2 --color cluster --out landscape.png
+    """
+    from .landscape import draw_landscape
+
+    if start and end and start > end:
+        raise click.UsageError(f"--start {start} is after --end {end}")
+    drawn = draw_landscape(
+        model_id, out=out, color=color, on=on, clusters=clusters, max_points=max_points, seed=seed,
+        strategy_id=list(strategy_ids), start=start, end=end, **_space_source(urls, snapshot),
+    )
+    shown = f"{drawn.points:,} runs" + (f" of {drawn.runs:,} (stratified by {drawn.sampled_by})" if drawn.sampled_by else "")
+    click.echo(f"landscape of {model_id} ({drawn.on} slice, coloured by {drawn.color}): {shown} -> {drawn.path}")
+
+
+# --------------------------------------------------------------------------
 # demo
 
 

@@ -246,6 +246,8 @@ def _fit_weights(model: V2Model, config_values: dict[str, PathValues], metric_va
         return
     leaves = _as_leaves(config_values), _as_leaves(metric_values)
     groups = [g for path, m in model.config_paths.items() if m.branch == "config" for g in _groups(path, m, config_values[path], n)]
+    if options.weigh_config == "clusters":
+        _zero_constant_groups(model, groups)
     config_labels = None
     rounds = options.rounds if groups and options.weigh_config == "clusters" else 1
     for _ in range(rounds):
@@ -260,6 +262,21 @@ def _fit_weights(model: V2Model, config_values: dict[str, PathValues], metric_va
     if outcome and config_labels is not None and env_labels is not None:
         pairs = np.unique(config_labels * (int(env_labels.max()) + 1) + env_labels, return_inverse=True)[1].reshape(-1)
         _set_weights(model.metric_paths, outcome, _explained(outcome, pairs, n))
+
+
+def _zero_constant_groups(model: V2Model, groups: list[_Group]) -> None:
+    """A config group with one category in every run (a constant, or values each
+    seen once: ids, hashes) tells runs apart in nothing: weight 0."""
+    kept = {(g.path, g.kind) for g in groups}
+    for path, m in model.config_paths.items():
+        if m.branch != "config":
+            continue
+        if m.present > 0 and (path, "present") not in kept:
+            m.present = 0.0
+        for kind in ("number", "length", "string"):
+            group = getattr(m, kind)
+            if group is not None and (path, kind) not in kept:
+                group.weight = 0.0
 
 
 def _set_weights(paths: dict[str, PathModel], groups: list[_Group], weights: np.ndarray) -> None:

@@ -17,7 +17,8 @@ task. ``plan_suggestions(model_id, like_run=... | env={...}, snapshot=...)``:
    did well many times); ``minimise`` for metrics where lower is better.
 
 Each suggestion: the config of its best run, the paths where it differs from
-the target run's config (``like_run``), its supporting runs best first, their
+the target run's config (``like_run``; among the paths the model weighs, so
+not seeds, notes or ignored paths), its supporting runs best first, their
 number, the metric's mean and spread over them, and how similar their
 environments were to the target (mean env cosine). Returns a
 ``SuggestionResult`` (``target`` dict, ``frame`` Polars); ``suggest`` returns
@@ -29,6 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -123,7 +125,8 @@ def plan_suggestions(
     frame = _groups(space, order, values, sign, cosine, duplicate_cosine, top_k, name)
     # the paths where each suggestion differs from the target run's config (none without one)
     target_config = space.configs([like_run]).get(like_run, {}) if like_run is not None else None
-    differs = [None if target_config is None else _differences(target_config, json.loads(c)) for c in frame.get_column("config")]
+    weighed = _weighed_paths(space)
+    differs = [None if target_config is None else _differences(target_config, json.loads(c), weighed) for c in frame.get_column("config")]
     frame = frame.with_columns(pl.Series("differs", differs, dtype=pl.List(pl.String)))
     target["neighbourhood"] = {"runs": int(len(order)), "min_env_cosine": round(float(cosine[order].min()), 6)}
     return SuggestionResult(target, frame)
@@ -263,10 +266,22 @@ def _flat(value, path: str = "") -> dict:
     return out
 
 
-def _differences(target: dict, config: dict) -> list[str]:
-    """The paths where ``config`` differs from ``target`` (added, removed or changed)."""
+def _weighed_paths(space: Space) -> set[str]:
+    """The config paths the model gives a weight (noise and ignored paths have none)."""
+    weighed = set()
+    for path, m in space.model.v2().config_paths.items():
+        groups = [m.present, *(g.weight for g in (m.number, m.length, m.string) if g is not None)]
+        if m.branch == "config" and max(groups) > 0:
+            weighed.add(path)
+    return weighed
+
+
+def _differences(target: dict, config: dict, weighed: set[str]) -> list[str]:
+    """The paths, among those the model weighs, where ``config`` differs from
+    ``target`` (added, removed or changed; list indices kept)."""
     a, b = _flat(target), _flat(config)
-    return sorted(p for p in a.keys() | b.keys() if a.get(p, _MISSING) != b.get(p, _MISSING))
+    changed = (p for p in a.keys() | b.keys() if a.get(p, _MISSING) != b.get(p, _MISSING))
+    return sorted(p for p in changed if re.sub(r"\[\d+\]", "", p) in weighed)
 
 
 _MISSING = object()
