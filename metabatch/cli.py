@@ -697,7 +697,7 @@ def stage_reporter(quiet: bool):
 @click.option("--metric", metavar="NAME", help="Rank by this metric [default: annualised_sharpe, else the first Sharpe-like one].")
 @click.option("--minimise", is_flag=True, help="Lower is better (drawdown-like metrics).")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="How many distinct configs to suggest.")
-@click.option("--neighbours", type=click.IntRange(min=1), default=1000, show_default=True, help="Runs of the most similar environments to draw from (ties at the edge kept).")
+@click.option("--neighbours", type=click.IntRange(min=1), default=2000, show_default=True, help="At most this many runs of the most similar environments to draw from.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), help="table (default on a terminal), json (default otherwise) or csv.")
 def suggest(urls, model_id, snapshot, strategy_ids, start, end, like_run, env, metric, minimise, top_k, neighbours, fmt):
     """Suggest configs to try next in an environment (to revalidate by backtests).

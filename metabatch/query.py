@@ -654,6 +654,16 @@ def connect_snapshot(snapshot: str | os.PathLike | Snapshot) -> duckdb.DuckDBPyC
             " NULL::VARCHAR AS universe_id, NULL::DATE AS start_date, NULL::DATE AS end_date,"
             " NULL::VARCHAR AS config_json, NULL::VARCHAR AS metrics_json WHERE false"
         )
+    # clusters/<model>/<on>.parquet, written into the snapshot by `metabatch cluster`
+    cluster_files = sorted(str(f) for f in folder.glob("clusters/*/*.parquet"))
+    if cluster_files:
+        file_list = "[" + ", ".join(_quote(f) for f in cluster_files) + "]"
+        con.execute(f"CREATE VIEW clusters AS SELECT * FROM read_parquet({file_list}, union_by_name = true)")
+    else:
+        con.execute(
+            "CREATE VIEW clusters AS SELECT NULL::VARCHAR AS run_id, NULL::BIGINT AS cluster, NULL::DOUBLE AS distance,"
+            ' NULL::VARCHAR AS model_id, NULL::VARCHAR AS "on" WHERE false'
+        )
     for path in sorted(resource_dir("sql").glob("*.sql")):
         for statement in con.extract_statements(path.read_text()):
             con.execute(statement)

@@ -7,8 +7,12 @@ task. ``plan_suggestions(model_id, like_run=... | env={...}, snapshot=...)``:
 1. the target environment: a run's env slice (``like_run``), or one encoded
    from the keys given (``env``: config env paths and env metrics; the runs
    are then compared on those keys alone);
-2. the ``neighbours`` runs whose environments are most like it (env-slice
-   cosine; ties at the edge all kept) that have the metric;
+2. the runs of that environment (env-slice cosine): its core is the
+   ``CORE`` runs nearest the target, and the neighbourhood every run about as
+   near the core as the core's own runs are (cosine to the core's centroid at
+   least the core's 10th percentile minus ``ENV_MARGIN``), so that it holds
+   the target's environment whatever the number of its runs, and not the next
+   one; at most ``neighbours`` runs, at least ``CORE``;
 3. near-duplicate configs grouped: a run joins the group of the best run whose
    config slice has a cosine of at least ``duplicate_cosine`` with its own
    (``DUPLICATE_COSINE``), so that each suggestion is a distinct config;
@@ -42,7 +46,9 @@ from .errors import BadInput
 from .space import Space, open_space
 
 DEFAULT_METRIC = "annualised_sharpe"
-DEFAULT_NEIGHBOURS = 1_000
+DEFAULT_NEIGHBOURS = 2_000
+CORE = 50
+ENV_MARGIN = 0.05
 DUPLICATE_COSINE = 0.9
 SHRINK = 2.0
 
@@ -112,6 +118,10 @@ def plan_suggestions(
             raise BadInput(f"run `{like_run}` has no environment features (its env slice is zero)", "give the environment with --env KEY=VALUE")
         cosine = env_units @ env_units[target_position]
         target = {"like_run": like_run, "env": _run_env(space, target_position)}
+        # re-centred on the nearest runs: their centroid is the environment, the target one run of it
+        core = _nearest(cosine, np.isfinite(cosine), CORE, run_ids)
+        centroid = env_units[core].astype(np.float64).sum(axis=0)
+        cosine = env_units @ (centroid / np.linalg.norm(centroid)).astype(np.float32)
     else:
         given = _parse_env(space, env)
         cosine = _env_cosines(space, given)
@@ -121,7 +131,7 @@ def plan_suggestions(
     usable = np.isfinite(values) & (cosine > 0)
     if not usable.any():
         raise BadInput("no run with that metric has an environment like the target's", "check the target and --metric")
-    order = _nearest(cosine, usable, neighbours, run_ids)
+    order = _neighbourhood(cosine, usable, neighbours, run_ids)
     frame = _groups(space, order, values, sign, cosine, duplicate_cosine, top_k, name)
     # the paths where each suggestion differs from the target run's config (none without one)
     target_config = space.configs([like_run]).get(like_run, {}) if like_run is not None else None
@@ -186,6 +196,15 @@ def _env_cosines(space: Space, given: dict) -> np.ndarray:
     cos = vectors[1:] @ vectors[0]
     index = table.join(combos.with_row_index("combo"), on=list(columns), how="left", nulls_equal=True).get_column("combo").to_numpy()
     return cos[index].astype(np.float64)
+
+
+def _neighbourhood(cosine: np.ndarray, usable: np.ndarray, limit: int, run_ids: pl.Series) -> np.ndarray:
+    """The runs about as near the target as its ``CORE`` nearest (see the module docstring)."""
+    nearest = _nearest(cosine, usable, max(limit, CORE), run_ids)
+    core = cosine[nearest[:CORE]]
+    threshold = np.quantile(core, 0.1) - ENV_MARGIN
+    held = nearest[cosine[nearest] >= threshold]
+    return held[: max(limit, CORE)] if len(held) >= CORE else nearest[:CORE]
 
 
 def _nearest(cosine: np.ndarray, usable: np.ndarray, count: int, run_ids: pl.Series) -> np.ndarray:
