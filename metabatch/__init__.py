@@ -2,9 +2,9 @@
 
 Python API (the CLI wraps these):
     migrate(runtime_url, historical_url)
-    backfill(runtime_url, historical_url, selection, weights, model_id, batch_rows)
+    backfill(runtime_url, historical_url, selection, weights, model_id, batch_rows, retries=)
     embed_batch(runs_table, weights, model_id)
-    export_parquet(out, historical_url, runtime_url, model_id=, strategy_id=, start=, end=)
+    export_parquet(out, historical_url, runtime_url, model_id=, strategy_id=, start=, end=, retries=)
     show(snapshot=, as_of=, start=, end=, run_id=, strategy_id=, universe_id=, model_id=, limit=)
     similar(run_id, snapshot=, model_id=, strategy_id=, start=, end=, top_k=, candidate_limit=)
     meta_ctx_norms(strategy_id, model_id, snapshot=, run_id=, start=, end=)

@@ -68,7 +68,11 @@ def read_runs(
 
 class _ReadAhead:
     """A fetch thread's record batches, held until taken: at most ``limit_rows``
-    runs (the fetch thread waits while that many are held)."""
+    runs (the fetch thread waits while that many are held).
+
+    Not a ``pipes.Prefetch``: what it holds is bounded in runs, not in record
+    batches, and ``take`` cuts a batch from what is held, sized by how many
+    runs are held and whether the end is among them."""
 
     def __init__(self, source: Iterator[pa.RecordBatch], limit_rows: int, seconds: dict | None):
         self.source, self.limit_rows, self.seconds = source, limit_rows, seconds

@@ -103,13 +103,12 @@ def export_parquet(
     check_out_folder(out)
     remove_leftovers(out)
     flt = EmbeddingFilter(model_id, strategy_ids, start, end, extra={"joint_type": JOINT_TYPE})
+    selection = RunSelection(strategy_ids, start, end)
 
     def attempt(first: bool) -> tuple[Path, tuple[dict, dict, dict]]:
         build = new_build_folder(out)
         try:
-            return build, _write_snapshot(
-                build, historical, runtime, flt, RunSelection(strategy_ids, start, end), on_progress, first
-            )
+            return build, _write_snapshot(build, historical, runtime, flt, selection, on_progress, first)
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
             raise
@@ -118,27 +117,17 @@ def export_parquet(
     try:
         build, (emb_section, runs_section, models_section) = attempts.run(attempt)
     except ConnectionLost as exc:
-        after = attempts.describe()
-        kept = f"the snapshot at `{out}` is unchanged" if out.exists() else f"nothing was written to `{out}`"
-        raise MetabatchError(
-            f"export stopped{after}: {exc.message}; {kept}",
-            "rerun the same command to export" + ("" if retries else "; --retries N reconnects on its own"),
-        ) from exc
-    try:
-        selection = {
-            "model_id": model_id,
-            "strategy_ids": list(strategy_ids),
-            "start": start.isoformat() if start else None,
-            "end": end.isoformat() if end else None,
-        }
-        manifest = make_manifest(
-            historical, runtime, selection, emb_section, runs_section, time.perf_counter() - started, models_section
-        )
-        write_manifest(build, manifest)
-        swap_in(build, out)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
+        raise _gave_up(exc, attempts, out) from exc
+    chosen = {
+        "model_id": model_id,
+        "strategy_ids": list(strategy_ids),
+        "start": start.isoformat() if start else None,
+        "end": end.isoformat() if end else None,
+    }
+    manifest = make_manifest(
+        historical, runtime, chosen, emb_section, runs_section, time.perf_counter() - started, models_section
+    )
+    _publish(build, out, manifest)
     return ExportSummary(
         path=out,
         embeddings=emb_section["rows"],
@@ -149,6 +138,25 @@ def export_parquet(
         retries=attempts.made,
         manifest=manifest,
     )
+
+
+def _gave_up(exc: ConnectionLost, attempts: Retries, out: Path) -> MetabatchError:
+    """The one-line error of an export whose retries ran out."""
+    kept = f"the snapshot at `{out}` is unchanged" if out.exists() else f"nothing was written to `{out}`"
+    return MetabatchError(
+        f"export stopped{attempts.describe()}: {exc.message}; {kept}",
+        "rerun the same command to export" + ("" if attempts.limit else "; --retries N reconnects on its own"),
+    )
+
+
+def _publish(build: Path, out: Path, manifest: dict) -> None:
+    """Write the manifest into the finished ``build`` folder and swap it in at ``out``."""
+    try:
+        write_manifest(build, manifest)
+        swap_in(build, out)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
 
 
 def _write_snapshot(
