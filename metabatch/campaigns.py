@@ -199,6 +199,29 @@ def campaign_runs(
     run_prefix: str = "CR",
 ) -> tuple[pa.Table, pl.DataFrame]:
     """``n`` runs and their labels (see the module docstring)."""
+    parts = list(generate_campaign_runs(n, seed, n_families, n_envs, variant, families_kept, envs_kept, run_prefix))
+    if not parts:
+        return SCHEMA.empty_table(), pl.DataFrame(schema=_LABELS)
+    return pa.concat_tables([p[0] for p in parts]), pl.concat([p[1] for p in parts])
+
+
+_LABELS = {"run_id": pl.String, "family": pl.Int64, "template": pl.Int64, "env": pl.Int64, "skill": pl.Float64}
+CHUNK_RUNS = 50_000
+
+
+def generate_campaign_runs(
+    n: int,
+    seed: int = 11,
+    n_families: int = 40,
+    n_envs: int = 8,
+    variant: str = "main",
+    families_kept: list[int] | None = None,
+    envs_kept: list[int] | None = None,
+    run_prefix: str = "CR",
+):
+    """``campaign_runs`` in chunks of ``CHUNK_RUNS`` runs (bounded memory): yields
+    (runs, labels); chunk k is drawn from its own random generator, so the runs
+    of a smaller n are a prefix of a larger n's."""
     if variant not in ("main", "fixed_shapes"):
         raise ValueError(f"unknown variant {variant!r}: main or fixed_shapes")
     fams = families(seed, n_families, variant)
@@ -206,39 +229,39 @@ def campaign_runs(
     skill = np.random.default_rng([seed, 3]).standard_normal((n_families, n_envs))
     fam_pool = np.array(families_kept if families_kept is not None else range(n_families))
     env_pool = np.array(envs_kept if envs_kept is not None else range(n_envs))
-    rng = np.random.default_rng([seed, 4, n, len(fam_pool), len(env_pool)])
-    fam_of = fam_pool[rng.integers(0, len(fam_pool), n)]
-    env_of = env_pool[rng.integers(0, len(env_pool), n)]
-    start = dt.date(2023, 1, 1)
-    rows = {name: [] for name in SCHEMA.names}
-    for i in range(n):  # a generator for benchmarks and demos, not a hot path
-        f, e = int(fam_of[i]), int(env_of[i])
-        fam, env = fams[f], envs[e]
-        run_id = f"{run_prefix}_{seed}_{i:07d}"
-        end = start + dt.timedelta(days=int(rng.integers(0, 1300)))
-        if variant == "fixed_shapes":
-            config = _fixed_shape_config(rng, fam, end)
-        else:
-            config = _template_config(rng, fam, env, end)
-        metrics = _metrics(rng, fam, env, float(skill[f, e]), variant)
-        rows["run_id"].append(run_id)
-        rows["strategy_id"].append(fam.strategy_id)
-        rows["config_json"].append(json.dumps(config))
-        rows["start_date"].append(end - dt.timedelta(days=int(rng.integers(180, 1500))))
-        rows["end_date"].append(end)
-        rows["universe_id"].append(env.universe_id)
-        rows["metrics_json"].append(json.dumps(metrics))
-    runs = pa.table(rows, schema=SCHEMA)
-    labels = pl.DataFrame(
-        {
-            "run_id": rows["run_id"],
-            "family": fam_of.astype(np.int64),
-            "template": np.array([fams[f].template for f in fam_of], dtype=np.int64),
-            "env": env_of.astype(np.int64),
-            "skill": skill[fam_of, env_of],
-        }
-    )
-    return runs, labels
+    for chunk, first in enumerate(range(0, n, CHUNK_RUNS)):
+        count = min(CHUNK_RUNS, n - first)
+        rng = np.random.default_rng([seed, 4, chunk, len(fam_pool), len(env_pool)])
+        fam_of = fam_pool[rng.integers(0, len(fam_pool), count)]
+        env_of = env_pool[rng.integers(0, len(env_pool), count)]
+        rows = {name: [] for name in SCHEMA.names}
+        start = dt.date(2023, 1, 1)
+        for i in range(count):  # a generator for benchmarks and demos, not a hot path
+            f, e = int(fam_of[i]), int(env_of[i])
+            fam, env = fams[f], envs[e]
+            end = start + dt.timedelta(days=int(rng.integers(0, 1300)))
+            if variant == "fixed_shapes":
+                config = _fixed_shape_config(rng, fam, end)
+            else:
+                config = _template_config(rng, fam, env, end)
+            rows["run_id"].append(f"{run_prefix}_{seed}_{first + i:07d}")
+            rows["strategy_id"].append(fam.strategy_id)
+            rows["config_json"].append(json.dumps(config))
+            rows["start_date"].append(end - dt.timedelta(days=int(rng.integers(180, 1500))))
+            rows["end_date"].append(end)
+            rows["universe_id"].append(env.universe_id)
+            rows["metrics_json"].append(json.dumps(_metrics(rng, fam, env, float(skill[f, e]), variant)))
+        labels = pl.DataFrame(
+            {
+                "run_id": rows["run_id"],
+                "family": fam_of.astype(np.int64),
+                "template": np.array([fams[f].template for f in fam_of], dtype=np.int64),
+                "env": env_of.astype(np.int64),
+                "skill": skill[fam_of, env_of],
+            },
+            schema=_LABELS,
+        )
+        yield pa.table(rows, schema=SCHEMA), labels
 
 
 def _shuffled(rng: np.random.Generator, items: dict) -> dict:

@@ -252,8 +252,12 @@ def migrate(urls):
 @database_options
 @click.option("--runs", "n_runs", type=click.IntRange(min=1), default=10_000, show_default=True, help="How many runs to write.")
 @click.option("--seed", type=int, default=7, show_default=True, help="Random seed: same seed, same runs.")
+@click.option(
+    "--kind", type=click.Choice(["sleeves", "campaigns"]), default="sleeves", show_default=True,
+    help="sleeves: every setting drawn per run; campaigns: config families tried across environments, with a skill per pair (what the demo uses).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def seed(urls, n_runs, seed, quiet):
+def seed(urls, n_runs, seed, kind, quiet):
     """Write realistic synthetic backtest_runs, deterministic for a seed.
 
     Runs that already exist (same run_id) are left as they are.
@@ -261,12 +265,13 @@ def seed(urls, n_runs, seed, quiet):
     \b
     Example:
       metabatch seed --runs 100000 --seed 7
+      metabatch seed --runs 20000 --kind campaigns
     """
     from .seed import seed_runs
 
     report, finish = progress_reporter(quiet, "seeding")
     try:
-        inserted = seed_runs(urls.runtime, n_runs, seed, on_progress=report)
+        inserted = seed_runs(urls.runtime, n_runs, seed, on_progress=report, kind=kind)
     finally:
         finish()
     click.echo(f"seeded {inserted} new runs ({n_runs - inserted} already there) into {urls.runtime}")

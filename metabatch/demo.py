@@ -1,11 +1,15 @@
 """Demo: the whole pipeline on an embedded DuckDB file, in one call.
 
 ``run_demo(runs, directory, echo)`` makes ``directory`` (if needed), replaces
-the demo's own files there (``metabatch-demo.duckdb`` and the
-``metabatch-demo-snapshot`` folder; nothing else is touched), then runs
-migrate, seed, backfill, a Parquet snapshot export, a few ``show`` rows, the
-10 nearest neighbours of one run and one ad-hoc SQL query, printing each step
-with its time through ``echo``. Returns a ``DemoResult``.
+the demo's own files there (``metabatch-demo.duckdb``, the
+``metabatch-demo-snapshot`` folder and ``metabatch-demo-landscape.html``;
+nothing else is touched), then runs migrate, seed (labelled research
+campaigns: config families tried across environments), backfill with v1 and
+with the built-in v2 model (fitted on first use), a Parquet snapshot export, a
+few ``show`` rows, the 10 nearest neighbours of one run (v2), one ad-hoc SQL
+query, the configs to try in that run's environment (``suggest``), clusters
+of the configs (``cluster``) and a landscape page, printing each step with its
+time through ``echo``. Returns a ``DemoResult``.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ DEFAULT_RUNS = 20_000
 DEFAULT_DIR = "metabatch-demo"
 DB_FILE = "metabatch-demo.duckdb"
 SNAPSHOT_DIR = "metabatch-demo-snapshot"
+LANDSCAPE = "metabatch-demo-landscape.html"
 SEED = 7
 NEIGHBOURS = 10
+V1 = "joint-meta-config-env-v1"
+V2 = "joint-meta-config-env-v2"
 
 
 @dataclass
@@ -36,19 +43,23 @@ class DemoResult:
     written: int = 0
     skipped: int = 0
     rejected: int = 0
+    written_v2: int = 0
     snapshot_rows: int = 0
     shown: list[dict] = field(default_factory=list)
     query_run_id: str | None = None
     neighbours: list[dict] = field(default_factory=list)
     sql: str = ""
     sql_answer: list[dict] = field(default_factory=list)
+    suggestions: list[dict] = field(default_factory=list)
+    clusters: int = 0
+    landscape: Path | None = None
     step_seconds: dict[str, float] = field(default_factory=dict)
     total_seconds: float = 0.0
 
 
 def _remove_own_files(directory: Path) -> None:
     """Only the demo's own names: the database (and its WAL) and the snapshot folder."""
-    for name in (DB_FILE, DB_FILE + ".wal"):
+    for name in (DB_FILE, DB_FILE + ".wal", LANDSCAPE):
         path = directory / name
         if path.is_file() or path.is_symlink():
             path.unlink()
@@ -67,9 +78,9 @@ def _best_sharpe_sql(run_ids: list[str]) -> str:
     lines = [", ".join(quoted[i:i + 4]) for i in range(0, len(quoted), 4)]
     ids = ",\n                 ".join(lines)
     return (
-        "SELECT run_id, strategy_id, sharpe, max_drawdown FROM runs\n"
+        "SELECT run_id, strategy_id, annualised_sharpe, max_drawdown FROM runs\n"
         f"WHERE run_id IN ({ids})\n"
-        "ORDER BY sharpe DESC NULLS LAST LIMIT 1"
+        "ORDER BY annualised_sharpe DESC NULLS LAST LIMIT 1"
     )
 
 
@@ -81,9 +92,12 @@ def run_demo(
     """Run the pipeline end to end on ``directory``/metabatch-demo.duckdb (see the module docstring)."""
     from . import query
     from .backfill import backfill
+    from .cluster import cluster_runs, snapshot_clusters_path, write_assignments
+    from .landscape import draw_landscape
     from .migrate import migrate
     from .seed import seed_runs
     from .snapshot import check_out_folder, export_parquet
+    from .suggest import plan_suggestions
 
     started = time.perf_counter()
     directory = Path(directory).absolute()
@@ -93,7 +107,7 @@ def run_demo(
     database = directory / DB_FILE
     url = parse_url(f"duckdb://{database}")
     result = DemoResult(database=database, snapshot=directory / SNAPSHOT_DIR, url=url)
-    steps = 7
+    steps = 11
     echo(f"metabatch demo: {runs:,} synthetic backtest runs, embedded DuckDB file {database}")
 
     def step(number: int, name: str, action: Callable[[], tuple[str, str | None]]) -> None:
@@ -110,15 +124,24 @@ def run_demo(
         return ", ".join(s for names in applied.values() for s in names) + " applied", None
 
     def do_seed():
-        result.runs_seeded = seed_runs(url, runs, SEED)
-        return f"{result.runs_seeded:,} runs written to backtest_runs (seed {SEED})", None
+        result.runs_seeded = seed_runs(url, runs, SEED, kind="campaigns")
+        return f"{result.runs_seeded:,} runs of research campaigns written to backtest_runs (seed {SEED})", None
 
     def do_backfill():
         summary = backfill(url)
         result.written, result.skipped, result.rejected = summary.written, summary.skipped, len(summary.rejected)
         return (
-            f"{summary.written:,} embeddings written to joint_embeddings from {summary.runs_read:,} runs"
+            f"{summary.written:,} {V1} embeddings written to joint_embeddings from {summary.runs_read:,} runs"
             f" ({summary.skipped} skipped, {len(summary.rejected)} rejected; {summary.runs_per_second:,.0f} runs/s)"
+        ), None
+
+    def do_v2():
+        summary = backfill(url, model_id=V2)
+        result.written_v2 = summary.written
+        fitted = summary.fitted or {}
+        return (
+            f"{summary.written:,} {V2} embeddings: the model was fitted on first use on {fitted.get('runs_read', 0):,} runs"
+            f" ({fitted.get('seconds', 0):.1f}s), then every run embedded ({summary.runs_per_second:,.0f} runs/s)"
         ), None
 
     def do_snapshot():
@@ -127,20 +150,18 @@ def run_demo(
         return f"{summary.embeddings:,} embeddings and {summary.runs:,} runs as Parquet in {result.snapshot}", None
 
     def do_show():
-        frame = query.show(snapshot=result.snapshot, limit=5)
+        frame = query.show(snapshot=result.snapshot, model_id=V2, limit=5)
         result.shown = frame.to_dicts()
         return f"the first {frame.height} embeddings by as_of_date", query.format_frame(frame, "table", 4)
 
     def do_similar():
         if not result.shown:
             return "no embedding to start from", None
-        # The shown run with the smallest norm: in a run whose config holds a large number
-        # (initial_capital) that one feature dominates, and every cosine is then ~1.
-        result.query_run_id = min(result.shown, key=lambda r: (r["l2_norm"], r["run_id"]))["run_id"]
-        frame = query.similar(result.query_run_id, snapshot=result.snapshot, top_k=NEIGHBOURS)
+        result.query_run_id = min(r["run_id"] for r in result.shown)
+        frame = query.similar(result.query_run_id, snapshot=result.snapshot, model_id=V2, top_k=NEIGHBOURS)
         result.neighbours = frame.to_dicts()
         return (
-            f"the {frame.height} nearest neighbours of run {result.query_run_id} (cosine)",
+            f"the {frame.height} nearest neighbours of run {result.query_run_id} in {V2}: same kind of config, same environment",
             query.format_frame(frame, "table", 4),
         )
 
@@ -154,21 +175,65 @@ def run_demo(
             result.sql + "\n" + query.format_frame(frame, "table", 4)
         )
 
+    def do_suggest():
+        if not result.query_run_id:
+            return "no run to start from", None
+        planned = plan_suggestions(V2, like_run=result.query_run_id, snapshot=result.snapshot, top_k=3)
+        result.suggestions = planned.frame.to_dicts()
+        table = planned.frame.select("rank", "mean", "std", "support", "env_cosine", pl_first_run(), "config")
+        return (
+            f"configs to try in the environment of run {result.query_run_id}, by annualised_sharpe"
+            f" (from the {planned.target['neighbourhood']['runs']:,} runs of that environment)",
+            query.format_frame(table, "table", 3),
+        )
+
+    def do_cluster():
+        clustering = cluster_runs(V2, on="config", snapshot=result.snapshot)
+        result.clusters = clustering.k
+        write_assignments(clustering, _ensure_parent(snapshot_clusters_path(result.snapshot, V2, "config")))
+        shown = clustering.summary.select("cluster", "size", "mean", "strategies", "sets_apart").head(5)
+        return (
+            f"{clustering.k} clusters of the configs (k picked by silhouette); the 5 largest:",
+            query.format_frame(shown, "table", 3),
+        )
+
+    def do_landscape():
+        drawn = draw_landscape(V2, out=directory / LANDSCAPE, color="cluster", on="config", snapshot=result.snapshot)
+        result.landscape = drawn.path
+        return f"a map of {drawn.points:,} runs coloured by cluster: open {drawn.path} in a browser", None
+
     step(1, "migrate", do_migrate)
     step(2, "seed", do_seed)
     step(3, "backfill", do_backfill)
-    step(4, "snapshot", do_snapshot)
-    step(5, "show", do_show)
-    step(6, "similar", do_similar)
-    step(7, "sql", do_sql)
+    step(4, "v2", do_v2)
+    step(5, "snapshot", do_snapshot)
+    step(6, "show", do_show)
+    step(7, "similar", do_similar)
+    step(8, "sql", do_sql)
+    step(9, "suggest", do_suggest)
+    step(10, "cluster", do_cluster)
+    step(11, "landscape", do_landscape)
 
     result.total_seconds = time.perf_counter() - started
     echo(f"done in {result.total_seconds:.1f}s. Files:")
     echo(f"  database: {database}  (backtest_runs, joint_embeddings)")
-    echo(f"  snapshot: {result.snapshot}  (Parquet: embeddings/, runs/; manifest.json)")
+    echo(f"  snapshot: {result.snapshot}  (Parquet: embeddings/, runs/, models/, clusters/; manifest.json)")
+    echo(f"  landscape: {result.landscape}  (open it in a browser; hover a point for its run)")
     run = result.query_run_id or "RUN_ID"
     echo("Try next:")
-    echo(f"  metabatch show --runtime-url {url.raw} --strategy-id CRYPTO_TREND --limit 5 --format table")
-    echo(f"  metabatch similar --snapshot {result.snapshot} --run-id {run} --top-k 5 --format table")
-    echo(f"  metabatch sql --snapshot {result.snapshot} \"SELECT strategy_id, count(*) AS runs, avg(sharpe) FROM runs GROUP BY 1\"")
+    echo(f"  metabatch similar --snapshot {result.snapshot} --model-id {V2} --run-id {run} --branch env --top-k 5 --format table")
+    echo(f"  metabatch suggest --snapshot {result.snapshot} --model-id {V2} --env market_id=US_EQ --env universe_id=US_EQ_SP500")
+    echo(f"  metabatch cluster --snapshot {result.snapshot} --model-id {V2} --on env")
+    echo(f"  metabatch sql --snapshot {result.snapshot} \"SELECT strategy_id, count(*) AS runs, avg(annualised_sharpe) FROM runs GROUP BY 1\"")
     return result
+
+
+def pl_first_run():
+    import polars as pl
+
+    return pl.col("run_ids").list.first().alias("best_run")
+
+
+def _ensure_parent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

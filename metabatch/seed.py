@@ -581,19 +581,28 @@ def generate_runs(n: int, seed: int = 7, batch_rows: int = 50_000) -> Iterator[p
         k += 1
 
 
-def seed_runs(url, n: int, seed: int = 7, on_progress=None, batch_rows: int = 50_000) -> int:
-    """Write ``generate_runs(n, seed)`` into the runtime store at ``url``.
+KINDS = ("sleeves", "campaigns")
+
+
+def seed_runs(url, n: int, seed: int = 7, on_progress=None, batch_rows: int = 50_000, kind: str = "sleeves") -> int:
+    """Write ``n`` synthetic runs into the runtime store at ``url``: ``generate_runs(n, seed)``
+    (kind "sleeves"), or labelled research campaigns (kind "campaigns": config
+    families tried across environments, see ``campaigns``).
 
     Runs whose run_id already exists are left as they are. Returns the number
     of runs inserted. ``on_progress(done, total)`` is called after each batch.
     """
+    from .campaigns import generate_campaign_runs
     from .stores import open_store
 
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}: {' or '.join(KINDS)}")
+    batches = generate_runs(n, seed, batch_rows) if kind == "sleeves" else (runs for runs, _labels in generate_campaign_runs(n, seed))
     store = open_store(url)
     inserted = done = 0
     try:
         store.check_table("backtest_runs")
-        for table in generate_runs(n, seed, batch_rows):
+        for table in batches:
             inserted += store.insert_runs(table)
             done += table.num_rows
             if on_progress:

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from metabatch.cli import main
-from metabatch.demo import DB_FILE, SNAPSHOT_DIR, run_demo
+from metabatch.demo import DB_FILE, LANDSCAPE, SNAPSHOT_DIR, V1, V2, run_demo
 
 RUNS = 2_000
 
@@ -36,22 +36,24 @@ def test_rows_written(demo):
     assert result.database == directory / DB_FILE
     assert result.runs_seeded == RUNS
     assert count(result.database, "SELECT count(*) FROM backtest_runs") == RUNS
-    embedded = count(result.database, "SELECT count(*) FROM joint_embeddings")
+    embedded = count(result.database, f"SELECT count(*) FROM joint_embeddings WHERE model_id = '{V1}'")
     with_metrics = count(result.database, "SELECT count(*) FROM backtest_runs WHERE metrics_json IS NOT NULL")
     assert embedded == result.written == with_metrics - result.skipped - result.rejected
     assert embedded > 0.9 * RUNS
-    assert count(result.database, "SELECT count(DISTINCT json_extract_string(entity_scope, '$.run_id')) FROM joint_embeddings") == embedded
+    assert count(result.database, f"SELECT count(DISTINCT json_extract_string(entity_scope, '$.run_id')) FROM joint_embeddings WHERE model_id = '{V1}'") == embedded
+    assert count(result.database, f"SELECT count(*) FROM joint_embeddings WHERE model_id = '{V2}'") == result.written_v2 == RUNS
+    assert count(result.database, f"SELECT count(*) FROM joint_models WHERE model_id = '{V2}'") == 1
 
 
 def test_snapshot_readable(demo):
     directory, result, _lines = demo
     assert result.snapshot == directory / SNAPSHOT_DIR
     embeddings = pq.read_table(result.snapshot / "embeddings")
-    assert embeddings.num_rows == result.snapshot_rows == result.written
+    assert embeddings.num_rows == result.snapshot_rows == result.written + result.written_v2
     vectors = np.stack(embeddings.column("vector").to_numpy(zero_copy_only=False))
-    assert vectors.shape == (result.written, 384) and np.isfinite(vectors).all()
+    assert vectors.shape == (result.snapshot_rows, 384) and np.isfinite(vectors).all()
     runs = pq.read_table(result.snapshot / "runs")
-    assert runs.num_rows == result.written
+    assert runs.num_rows == result.written_v2
 
 
 def test_show_rows_neighbours_and_sql_answer(demo):
@@ -70,8 +72,8 @@ def test_show_rows_neighbours_and_sql_answer(demo):
     best = result.sql_answer[0]
     assert best["run_id"] in ids
     runs = pq.read_table(result.snapshot / "runs").to_pylist()
-    sharpe = {r["run_id"]: r["sharpe"] for r in runs if r["run_id"] in ids}
-    assert best["sharpe"] == max(v for v in sharpe.values() if v is not None)
+    sharpe = {r["run_id"]: r["annualised_sharpe"] for r in runs if r["run_id"] in ids}
+    assert best["annualised_sharpe"] == max(v for v in sharpe.values() if v is not None)
     text = "\n".join(lines)
     assert result.query_run_id in text and best["run_id"] in text
 
@@ -79,10 +81,17 @@ def test_show_rows_neighbours_and_sql_answer(demo):
 def test_prints_each_step_with_its_time_and_the_files(demo):
     _directory, result, lines = demo
     text = "\n".join(lines)
-    for name in ("migrate", "seed", "backfill", "snapshot", "show", "similar", "sql"):
+    for name in ("migrate", "seed", "backfill", "v2", "snapshot", "show", "similar", "sql", "suggest", "cluster", "landscape"):
         assert any(name in line and line.rstrip().split()[2].endswith("s") for line in lines if line.startswith("[")), name
         assert name in result.step_seconds
-    assert str(result.database) in text and str(result.snapshot) in text
+    assert str(result.database) in text and str(result.snapshot) in text and str(result.landscape) in text
+
+
+def test_ends_with_suggestions_clusters_and_a_landscape_page(demo):
+    directory, result, lines = demo
+    assert len(result.suggestions) == 3 and all(s["support"] >= 1 for s in result.suggestions)
+    assert result.clusters >= 2 and (result.snapshot / "clusters").is_dir()
+    assert result.landscape == directory / LANDSCAPE and 'data-points="' in result.landscape.read_text()
 
 
 def test_twice_replaces_only_its_own_files(tmp_path):
@@ -92,9 +101,9 @@ def test_twice_replaces_only_its_own_files(tmp_path):
     second = run_demo(200, tmp_path, echo=lambda line: None)
     assert second.runs_seeded == 200  # a fresh file, not the 300 runs of the first
     assert count(second.database, "SELECT count(*) FROM backtest_runs") == 200
-    assert pq.read_table(second.snapshot / "embeddings").num_rows == second.written < first.written
+    assert pq.read_table(second.snapshot / "embeddings").num_rows == second.written + second.written_v2 < first.written + first.written_v2
     assert other.read_text() == "mine"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([DB_FILE, SNAPSHOT_DIR, "notes.txt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([DB_FILE, SNAPSHOT_DIR, LANDSCAPE, "notes.txt"])
 
 
 def test_same_size_same_answers(demo, tmp_path):
