@@ -16,8 +16,9 @@ how it was chosen.
   and universes, a representative run (nearest its centroid), and the config
   paths whose values set the cluster apart: over a sample of each cluster's
   configs, the value whose share in the cluster most exceeds its share
-  outside (strings), or the median furthest from the others' in IQRs
-  (numbers), among the paths the model gives a weight.
+  outside (strings; by 20 points at least), or the median furthest from the
+  others' (numbers; half an IQR at least), among the config and env paths
+  the model gives a weight.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def _sets_apart(space: Space, runs: pl.DataFrame, k: int) -> pl.DataFrame:
     n = len(ids)
     for path, v in values.items():  # a loop over paths
         m = model.config_paths.get(path)
-        if m is None or m.branch != "config":
+        if m is None or m.branch not in ("config", "env"):
             continue
         if v.strings and m.string is not None and m.string.weight > 0:
             rows = np.concatenate(v.string_rows)
@@ -248,9 +249,10 @@ def _sets_apart(space: Space, runs: pl.DataFrame, k: int) -> pl.DataFrame:
             for c, median in frame.group_by("cluster").agg(pl.col("x").median()).iter_rows():
                 others = frame.filter(pl.col("cluster") != c).get_column("x").median()
                 others = overall if others is None else others
-                gap = min(abs(median - others) / iqr, 1.0)
+                gap = min(abs(median - others) / iqr, 1.0) if abs(median - others) / iqr >= 0.5 else 0.0
                 scored[c].append((gap * m.number.weight, f"{path}~{_short(median)} (vs {_short(others)})"))
-    text = ["; ".join(label for _, label in sorted(items, key=lambda t: -t[0])[:3] if _ > 0.05) for items in scored]
+    # a value at least 20 points more common inside, a median at least half an IQR away
+    text = ["; ".join(label for _, label in sorted((t for t in items if t[0] >= 0.2), key=lambda t: -t[0])[:3]) for items in scored]
     return pl.DataFrame({"cluster": np.arange(k, dtype=np.int64), "sets_apart": text})
 
 
