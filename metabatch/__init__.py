@@ -9,6 +9,10 @@ Python API (the CLI wraps these):
     similar(run_id, snapshot=, model_id=, strategy_id=, start=, end=, top_k=, candidate_limit=)
     meta_ctx_norms(strategy_id, model_id, snapshot=, run_id=, start=, end=)
     sql(query, snapshot)
+    models.fit(runtime_url, historical_url, model_id, spec, selection, refit=)   fitted (v2) models
+    suggest(model_id, like_run= | env=, snapshot=, metric=, top_k=, ...)      Polars DataFrames
+    cluster_runs(model_id, on=, k=, snapshot=, seed=, ...)                   .assignments, .summary
+    draw_landscape(model_id, out=, color=, on=, snapshot=, ...)
 """
 
 __version__ = "0.1.0"
@@ -20,6 +24,10 @@ _LAZY = {
     "similar": "query",
     "meta_ctx_norms": "query",
     "sql": "query",
+    "suggest": "suggest",
+    "plan_suggestions": "suggest",
+    "cluster_runs": "cluster",
+    "draw_landscape": "landscape",
 }
 
 
