@@ -79,7 +79,7 @@ def many_runs(n: int, prefix: str = "K") -> pa.Table:
 def test_migrate_twice_records_each_step_once(tmp_path):
     url = parse_url(f"duckdb://{tmp_path}/m.duckdb")
     first = migrate(url)
-    assert first == {url.redacted: ["runtime/0001_backtest_runs", "historical/0001_joint_embeddings"]}
+    assert first == {url.redacted: ["runtime/0001_backtest_runs", "historical/0001_joint_embeddings", "historical/0002_joint_models"]}
     assert migrate(url) == {url.redacted: []}
     con = duckdb.connect(str(tmp_path / "m.duckdb"))
     try:
@@ -93,7 +93,7 @@ def test_migrate_twice_records_each_step_once(tmp_path):
         }
     finally:
         con.close()
-    assert names == ["historical/0001_joint_embeddings", "runtime/0001_backtest_runs"]
+    assert names == ["historical/0001_joint_embeddings", "historical/0002_joint_models", "runtime/0001_backtest_runs"]
     assert columns[("backtest_runs", "config_json")] == "JSON"
     assert columns[("backtest_runs", "metrics_json")] == "JSON"
     assert columns[("joint_embeddings", "entity_scope")] == "JSON"
