@@ -17,7 +17,7 @@ import sys
 import click
 
 from . import __version__
-from .errors import BadInput, MetabatchError
+from .errors import MetabatchError
 from .retry import DEFAULT_RETRIES
 from .urls import RUNTIME_ENV, HISTORICAL_ENV, redact, resolve_urls
 

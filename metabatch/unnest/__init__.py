@@ -18,7 +18,8 @@ recursively the same way.
 
 Modules, in the order a batch goes through them: ``text`` (facts read off the
 texts before any parse), ``structure`` (JSON structures and the cache a job
-keeps across batches), ``builder`` (DuckDB's parse into typed columns, turned
+keeps across batches), ``reuse`` (parsing a batch with that cache, checking
+every run), ``builder`` (DuckDB's parse into typed columns, turned
 into nodes), ``nodes`` (what each structure node holds per run), ``paths``
 (leaf paths with list indices), ``leaves`` (the placed leaves returned here).
 """
@@ -36,6 +37,7 @@ from .builder import ENV_NEEDLES, _Builder
 from .leaves import BranchLeaves, PathLeaves, Sink, Unnested
 from .nodes import _Node
 from .paths import LeafPath
+from .reuse import parse_root, root_objects
 from .structure import RootParse, ShapeCache
 from .text import TextFacts, _too_deep, max_depth, text_facts, text_members
 from .text import _all_numbers, _first_bytes, _json_strings  # noqa: F401 (used by the tests)
@@ -81,7 +83,7 @@ def _config_root(con, objects, cache, facts, parsed):
     """The root node of a column of config objects, with room to recurse into it.
 
     Pass the same ``cache`` for every batch of a job: later batches then reuse
-    the structure of earlier ones (see ``_Builder.root_objects``). ``facts``:
+    the structure of earlier ones (see ``reuse.root_objects``). ``facts``:
     the ``text_facts`` of ``objects``, when already computed; ``parsed``:
     their ``parse_config`` with the same cache, when already done.
     """
@@ -91,13 +93,13 @@ def _config_root(con, objects, cache, facts, parsed):
         if cache is None:
             yield builder.objects(objects, LeafPath(), False)
         else:
-            yield builder.root_objects(objects, cache, facts, parsed)
+            yield root_objects(builder, objects, cache, facts, parsed)
 
 
 def parse_config(con: duckdb.DuckDBPyConnection, objects: pa.Array, cache: ShapeCache) -> RootParse | None:
-    """The DuckDB parse that ``unnest_config`` starts with (see ``_Builder.parse_root``),
+    """The DuckDB parse that ``unnest_config`` starts with (see ``reuse.parse_root``),
     done ahead, e.g. on a reader thread with its own connection."""
-    return _Builder(con, strings=True, descend=True).parse_root(objects, cache)
+    return parse_root(_Builder(con, strings=True, descend=True), objects, cache)
 
 
 @contextmanager
@@ -146,7 +148,7 @@ def _metrics_root(con, objects, cache, facts) -> _Node:
     builder = _Builder(con, strings=False, descend=False, shallow=facts is not None and not facts.deep)
     if cache is None:
         return builder.objects(objects, LeafPath(), False)
-    return builder.root_objects(objects, cache, facts)
+    return root_objects(builder, objects, cache, facts)
 
 
 def _place(root: _Node, n: int, limit: int, branches, counts) -> Unnested:

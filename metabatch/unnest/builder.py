@@ -10,13 +10,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .nodes import _Empty, _Filtered, _List, _Mixed, _Node, _Numbers, _Strings, _Struct
+from .nodes import _Empty, _List, _Mixed, _Node, _Numbers, _Strings, _Struct
 from .paths import LeafPath
-from .structure import _SAMPLE_ROWS, RootParse, ShapeCache, _keys_collide, _merge_structures, _without_colliding_keys
+from .structure import _keys_collide
 from .text import (
     _KIND_OF_FIRST_BYTE,
     _KINDS,
-    TextFacts,
     _all_numbers,
     _first_bytes,
     _json_strings,
@@ -82,69 +81,6 @@ class _Builder:
     def _transform(self, texts: pa.Array, shape) -> pa.Array:
         """DuckDB's parse of the texts into ``shape`` (a struct, list or type)."""
         return self._query("SELECT json_transform(j, $1::VARCHAR) FROM mb_input", texts, [json.dumps(shape, ensure_ascii=False)])
-
-    def parse_root(self, texts: pa.Array, cache: "ShapeCache") -> "RootParse | None":
-        """The root texts parsed with the structure cached so far, scalars as raw
-        JSON (``root_objects``' fast parse), or None before there is one. A
-        reader thread calls it for the next batch while this one is encoded:
-        whatever structure it found, ``root_objects`` checks every run."""
-        known = cache.structures.get("config" if self.descend else "metrics")
-        if not isinstance(known, dict):
-            return None
-        # keys DuckDB cannot take as fields are left out: their runs fail the check
-        known = _without_colliding_keys(known)
-        shape = self._shape(known, top=True, raw=True) if known else None
-        if not shape:
-            return None
-        return RootParse(known, shape, self._transform(texts, shape))
-
-    def root_objects(
-        self, texts: pa.Array, cache: "ShapeCache", facts: TextFacts | None = None, parsed: "RootParse | None" = None
-    ) -> _Node:
-        """Like ``objects`` for the root, reusing the structure of earlier batches.
-
-        Inferring the structure costs DuckDB about three times the parse
-        itself, so a batch is first parsed with the structure seen so far, its
-        scalars parsed as raw JSON (no silent casts), and every run's feature
-        count is checked against the scalars counted in its text. Only the
-        runs that do not match (new keys or shapes) pay for inference.
-        ``facts``: the texts' ``TextFacts`` when already known; ``parsed``: the
-        texts' ``parse_root`` when already done.
-        """
-        n = len(texts)
-        column = "config" if self.descend else "metrics"
-        if parsed is None:
-            if cache.structures.get(column) is None and n > _SAMPLE_ROWS:
-                # first batch: learn from a sample, the check below catches the rest
-                cache.structures[column] = self._structure(texts.slice(0, _SAMPLE_ROWS))
-            parsed = self.parse_root(texts, cache)
-        if parsed is None:
-            cache.structures[column] = self._structure(texts)
-            return self._objects_with(texts, cache.structures[column], LeafPath(), False)
-        known = parsed.structure
-        fast = self._struct(parsed.typed, parsed.shape, LeafPath(), False)
-        expected, clean = (facts.members, facts.clean) if facts is not None else text_members(texts)
-        bad = _valid(texts) & ((fast.members != expected) | ~clean)
-        if fast.suspicious is not None:
-            suspicious = fast.suspicious
-            if isinstance(fast, _Struct):
-                # a root text that starts with '{' is an object: without members it is just empty
-                suspicious = suspicious & ~(fast.memberless & (_first_bytes(texts) == ord("{")))
-            bad |= suspicious
-        if not bad.any():
-            return fast
-        rows = np.flatnonzero(bad)
-        subset = texts.take(pa.array(rows))
-        structure = self._structure(subset)
-        # merge into the structure cached now (another batch may have added to it
-        # since this one was parsed); the root structure is only a guess that
-        # every run is checked against: keep it an object
-        current = cache.structures.get(column)
-        base = _without_colliding_keys(current) if isinstance(current, dict) and current else known
-        merged = _merge_structures(base, structure)
-        cache.structures[column] = merged if isinstance(merged, dict) else base
-        slow = self._objects_with(subset, structure, LeafPath(), False)
-        return _Mixed(n, [(np.arange(n), _Filtered(fast, ~bad)), (rows, slow)], _valid(texts))
 
     def _objects_by_pointer(self, texts: pa.Array, path: LeafPath, env: bool) -> _Node:
         # DuckDB struct field names are case-insensitive: keys such as "a" and "A"

@@ -14,7 +14,7 @@ _SAMPLE_ROWS = 2_000
 
 @dataclass
 class RootParse:
-    """Root texts parsed with a cached structure (``_Builder.parse_root``)."""
+    """Root texts parsed with a cached structure (``reuse.parse_root``)."""
 
     structure: dict  # the structure used, without keys that collide
     shape: dict  # what DuckDB parsed into
