@@ -35,6 +35,7 @@ import polars as pl
 import pyarrow as pa
 
 from .errors import BadInput
+from .kmeans import kmeans
 from .space import Space, open_space
 
 BRANCHES = ("joint", "config", "env", "outcome")
@@ -94,14 +95,13 @@ def cluster_runs(
         chosen_by = "silhouette"
     progress(f"k-means, k = {k}")
     fit_rows = held if len(held) <= FIT_SAMPLE else np.sort(rng.choice(held, FIT_SAMPLE, replace=False))
-    kmeans = _kmeans(k, seed, len(fit_rows))
-    kmeans.fit(x[fit_rows])
+    centroids = kmeans(k, seed, len(fit_rows)).fit(x[fit_rows])
     labels = np.full(len(space), -1, np.int64)
     distance = np.full(len(space), np.nan)
     for at in range(0, len(held), 131_072):  # bounded distance matrices
         rows = held[at : at + 131_072]
-        labels[rows] = kmeans.predict(x[rows])
-        distance[rows] = np.linalg.norm(x[rows] - kmeans.cluster_centers_[labels[rows]], axis=1)
+        labels[rows] = centroids.predict(x[rows])
+        distance[rows] = np.linalg.norm(x[rows] - centroids.cluster_centers_[labels[rows]], axis=1)
     labels = _by_size(labels, k)
     centers = _centers(x, labels, k)
     assignments = pl.DataFrame(
@@ -122,21 +122,13 @@ def choose_k(x: np.ndarray, seed: int, rng: np.random.Generator) -> tuple[int, d
     for k in K_CHOICES:
         if k >= min(distinct, max(3, len(sample) // 10)):
             break
-        labels = _kmeans(k, seed, len(sample)).fit_predict(sample)
+        labels = kmeans(k, seed, len(sample)).fit_predict(sample)
         if len(np.unique(labels)) < 2:
             continue
         scores[k] = float(silhouette_score(sample, labels, metric="euclidean", random_state=seed))
     if not scores:
         return 2, scores
     return max(scores, key=lambda c: (round(scores[c], 3), -c)), scores
-
-
-def _kmeans(k: int, seed: int, n: int):
-    """scikit-learn's MiniBatchKMeans, its k-means++ start drawn from a sample of
-    20 runs per cluster (from all of them it was 70% of the time at k = 40)."""
-    from sklearn.cluster import MiniBatchKMeans
-
-    return MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096, max_iter=200, init_size=min(n, max(20 * k, 1024)))
 
 
 def _by_size(labels: np.ndarray, k: int) -> np.ndarray:

@@ -21,14 +21,15 @@ the metrics:
   the share of the path's values seen only once (Good-Turing's estimate that
   the next value is new), which sets what a new value is worth;
 - **weights of the config paths' feature groups** (presence, number, length,
-  strings): how much of the group's entropy the structure of the other config
-  paths explains. First, pairwise: the bias-corrected mutual information of the
-  group with each group of another (unrelated) path, over the smaller entropy;
-  then the sample is encoded with those weights, clustered (k-means), and a
-  group's weight is the share of its entropy the clusters explain. A seed, a
-  capital amount, a host name spread at random over the runs, or a commit hash
-  is explained by nothing and weighs ~0; a hyperparameter that comes with the
-  rest of its family's settings weighs ~1. Env and outcome groups weigh 1.
+  strings): how much of the group's entropy the structure of the config
+  explains. The sample is encoded (every group at 1 the first time),
+  clustered (scikit-learn's k-means on the config slices), and a group's
+  weight is its bias-corrected (Miller-Madow) mutual information with the
+  clusters over its own entropy; then again with those weights
+  (``FitOptions.rounds``). A seed, a capital amount, a host name spread at
+  random over the runs, or a commit hash is explained by nothing and weighs
+  ~0 (under ``WEIGHT_FLOOR``: 0); a hyperparameter that comes with the rest
+  of its family's settings weighs ~1. Env and outcome groups weigh 1.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ from .encoders.v2 import (
     row_means,
 )
 from .modelfile import ModelSpec, matches
-from .unnest import collect_config, collect_metrics
+from .kmeans import kmeans
+from .unnest import PathLeaves, collect_config, collect_metrics
 
 SAMPLE_RUNS = 20_000
 MAX_KNOTS = 16
@@ -358,11 +360,6 @@ def _mutual_information(a: _Group, b: _Group, n: int) -> float:
     return max(0.0, mi - bias)
 
 
-def _dependence(a: _Group, b: _Group, n: int) -> float:
-    """Mutual information over the smaller entropy: 1 when one group says all of the other."""
-    return min(1.0, _mutual_information(a, b, n) / max(min(a.entropy, b.entropy), 1e-12))
-
-
 def _explained(groups: list[_Group], labels: np.ndarray, n: int) -> np.ndarray:
     """Per group, the share of its entropy that the labels (clusters) explain."""
     k = int(labels.max()) + 1
@@ -370,14 +367,7 @@ def _explained(groups: list[_Group], labels: np.ndarray, n: int) -> np.ndarray:
     return np.array([min(1.0, _mutual_information(g, clusters, n) / max(g.entropy, 1e-12)) for g in groups])
 
 
-def _related(a: str, b: str) -> bool:
-    """One path lies under the other (a list and its elements' fields, an object and its keys)."""
-    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
-
-
-def _as_leaves(values: dict[str, PathValues]):
-    from .unnest import PathLeaves
-
+def _as_leaves(values: dict[str, PathValues]) -> PathLeaves:
     leaves = PathLeaves()
     for path, v in values.items():
         for rows, numbers in zip(v.number_rows, v.numbers):
@@ -392,8 +382,6 @@ def _as_leaves(values: dict[str, PathValues]):
 def _cluster_labels(model: V2Model, branch: str, leaves, n: int, con) -> np.ndarray | None:
     """k-means labels of the sample's slices of one branch, with the weights so far
     (runs without features in the branch: a cluster of their own)."""
-    from sklearn.cluster import MiniBatchKMeans
-
     only = V2Model({b: float(b == branch) for b in SLICES}, model.config_paths, model.metric_paths, model.patterns)
     encoded = encode(only, *leaves, n)
     start, stop = SLICES[branch]
@@ -401,7 +389,6 @@ def _cluster_labels(model: V2Model, branch: str, leaves, n: int, con) -> np.ndar
     if held.sum() < 20:
         return None
     k = int(np.clip(round(math.sqrt(held.sum() / 4)), 4, 64))
-    kmeans = MiniBatchKMeans(n_clusters=k, random_state=0, n_init=3, batch_size=4096)
     labels = np.full(n, k, np.int64)
-    labels[held] = kmeans.fit_predict(encoded.vectors[held, start:stop].astype(np.float64))
+    labels[held] = kmeans(k, 0, int(held.sum())).fit_predict(encoded.vectors[held, start:stop].astype(np.float64))
     return np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int64)
