@@ -594,8 +594,12 @@ def show(urls, snapshot, as_of, start, end, run_ids, strategy_ids, universe_ids,
 @click.option("--end", type=DATE, help="Only candidates with as_of_date <= this date.")
 @click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True, help="How many neighbours to print.")
 @click.option("--candidate-limit", type=click.IntRange(min=1), help="Only the N most recent candidates (by joint_id) [default: all].")
+@click.option(
+    "--branch", type=click.Choice(["joint", "config", "env", "outcome"]), default="joint", show_default=True,
+    help="Compare one branch's slice alone: same kind of config, same environment, same outcomes (v2 models).",
+)
 @format_option()
-def similar(urls, snapshot, run_id, model_id, strategy_ids, start, end, top_k, candidate_limit, fmt):
+def similar(urls, snapshot, run_id, model_id, strategy_ids, start, end, top_k, candidate_limit, branch, fmt):
     """Find the runs nearest to a run in the joint space (cosine, then euclidean).
 
     Prints cosine,euclidean,run_id,strategy_id,universe_id,as_of_date,source
@@ -608,6 +612,7 @@ def similar(urls, snapshot, run_id, model_id, strategy_ids, start, end, top_k, c
       metabatch similar --run-id BT_RUN_123 --strategy-id US_EQ_CORE_LONG_EQ \\
           --model-id joint-meta-config-env-v1 --top-k 20
       metabatch similar --snapshot ./snapshot --run-id BT_RUN_123 --format table
+      metabatch similar --run-id BT_RUN_123 --model-id my-v2 --branch env
     """
     from .query import format_frame, similar as run_similar
 
@@ -616,7 +621,7 @@ def similar(urls, snapshot, run_id, model_id, strategy_ids, start, end, top_k, c
     frame = echo_warnings(
         lambda: run_similar(
             run_id, snapshot=snapshot, historical_url=urls.historical, model_id=model_id,
-            strategy_id=strategy_ids, start=start, end=end, top_k=top_k, candidate_limit=candidate_limit,
+            strategy_id=strategy_ids, start=start, end=end, top_k=top_k, candidate_limit=candidate_limit, branch=branch,
         )
     )
     click.echo(format_frame(frame, fmt), nl=False)

@@ -255,11 +255,29 @@ class Snapshot:
         self._models: dict[str, EmbeddingSet] = {}
         self._lock = threading.Lock()
 
-    def model(self, model_id: str) -> EmbeddingSet:
+    def model(self, model_id: str, branch: str = "joint") -> EmbeddingSet:
+        """The model's embeddings; ``branch``: the slice of one branch (v2 models)."""
         with self._lock:
             if model_id not in self._models:
                 self._models[model_id] = self._load(model_id)
-            return self._models[model_id]
+            if branch == "joint":
+                return self._models[model_id]
+            key = f"{model_id}\x00{branch}"
+            if key not in self._models:
+                window = _branch_window(self._slices(model_id, branch), branch)
+                self._models[key] = branch_set(self._models[model_id], window)
+            return self._models[key]
+
+    def _slices(self, model_id: str, branch: str) -> dict:
+        from .space import snapshot_model
+
+        try:
+            return snapshot_model(self.path, self.manifest, model_id).slices
+        except BadInput:
+            raise BadInput(
+                f"--branch {branch} needs a v2 model: `{model_id}` is a v1 model (its vector has no branch slices)",
+                "use --branch joint, or a model fitted with `metabatch fit`",
+            ) from None
 
     def _load(self, model_id: str) -> EmbeddingSet:
         entry = self.manifest["embeddings"]["models"].get(model_id)
@@ -282,6 +300,49 @@ class Snapshot:
                 f"snapshot `{self.path}` is damaged: {str(exc).splitlines()[0]}",
                 "export it again with `metabatch export-parquet`",
             ) from None
+
+
+BRANCHES = ("joint", "config", "env", "outcome")
+
+
+def _branch_window(slices: dict | None, branch: str) -> tuple[int, int] | None:
+    """The dimensions of ``branch`` (None for the whole vector)."""
+    if branch == "joint":
+        return None
+    return tuple(slices[branch])
+
+
+def _registered_slices(url: DatabaseURL, model_id: str, branch: str) -> dict | None:
+    """The branch slices of a registered v2 model (BadInput naming v2 otherwise)."""
+    if branch == "joint":
+        return None
+    from .models import registered
+
+    model = registered(url, model_id)
+    if model is None or model.encoder != "v2":
+        raise BadInput(
+            f"--branch {branch} needs a v2 model: `{model_id}` is a v1 model (its vector has no branch slices)",
+            "use --branch joint, or a model fitted with `metabatch fit`",
+        )
+    return model.slices
+
+
+def branch_set(data: EmbeddingSet, window: tuple[int, int] | None) -> EmbeddingSet:
+    """The same embeddings with only the dimensions ``window`` of their vectors
+    (and the norms of those), so that every query compares one branch alone."""
+    if window is None:
+        return data
+    start, stop = window
+    meta = data.sql("SELECT * FROM embeddings", {})
+    if DIM not in data.matrices:
+        return EmbeddingSet(meta, {})
+    matrix = np.ascontiguousarray(data.matrices[DIM][:, start:stop])
+    norms = l2_norms(matrix)
+    rows = pc.fill_null(meta.column("vector_row"), 0).to_numpy()
+    is_full = pc.fill_null(pc.equal(meta.column("dim"), DIM), False)
+    new_norms = pa.array(np.where(np.asarray(is_full), norms[rows] if len(norms) else 0.0, np.nan), mask=~np.asarray(is_full))
+    meta = meta.set_column(meta.schema.get_field_index("l2_norm"), "l2_norm", new_norms)
+    return EmbeddingSet(meta, {DIM: matrix})
 
 
 _SNAPSHOTS: dict[Path, Snapshot] = {}
@@ -494,10 +555,14 @@ def similar(
     end: dt.date | str | None = None,
     top_k: int = 10,
     candidate_limit: int | None = None,
+    branch: str = "joint",
 ) -> pl.DataFrame:
     """The ``top_k`` runs closest to ``run_id`` (its latest embedding of ``model_id``),
     as SIMILAR_COLUMNS, ordered by cosine descending then euclidean ascending.
 
+    ``branch``: ``joint`` (the whole vector) or, for a v2 model, ``config``,
+    ``env`` or ``outcome``: that branch's slice alone (BadInput naming v2 on a
+    v1 model).
     Candidates: embeddings of ``model_id`` other than the target run's, of the
     given strategies and as_of_date range; ``candidate_limit`` keeps the N most
     recent by joint_id (None: all). Candidates of another dimension are skipped
@@ -511,12 +576,15 @@ def similar(
         raise BadInput(f"--candidate-limit must be >= 1, got {candidate_limit}")
     start, end = _range(start, end)
     strategy_ids = _ids(strategy_id, "strategy_id")
+    if branch not in BRANCHES:
+        raise BadInput(f"--branch {branch!r}: use one of {', '.join(BRANCHES)}")
     if snapshot is not None:
-        target_set = data = open_snapshot(snapshot).model(model_id)
+        target_set = data = open_snapshot(snapshot).model(model_id, branch)
     else:
         url = _historical(historical_url)
-        target_set = set_from_database(url, EmbeddingFilter(model_id, extra={"run_ids": [run_id]}))
-        data = set_from_database(url, EmbeddingFilter(model_id, tuple(strategy_ids), start, end))
+        window = _branch_window(_registered_slices(url, model_id, branch), branch)
+        target_set = branch_set(set_from_database(url, EmbeddingFilter(model_id, extra={"run_ids": [run_id]})), window)
+        data = branch_set(set_from_database(url, EmbeddingFilter(model_id, tuple(strategy_ids), start, end)), window)
     q, dim, own_rows = _target(target_set, run_id, model_id)
 
     clauses, params = _clauses(strategy_ids=strategy_ids, start=start, end=end)

@@ -209,3 +209,21 @@ def test_landscape_picture_and_a_stratified_sample(world, tmp_path):
     assert wrong.exit_code == 2 and ".html" in wrong.output
     no_clusters = invoke("landscape", "--snapshot", str(world["snapshot"]), "--model-id", MODEL, "--out", str(tmp_path / "y.png"), "--color", "cluster")
     assert no_clusters.exit_code == 2 and "metabatch cluster" in no_clusters.output
+
+
+@pytest.mark.parametrize("where", ["snapshot", "database"])
+def test_similar_on_one_branch(world, where):
+    labels = world["labels"]
+    target = labels.row(5, named=True)
+    source = ["--snapshot", str(world["snapshot"])] if where == "snapshot" else ["--runtime-url", world["url"].raw]
+    by_env = invoke("similar", *source, "--model-id", MODEL, "--run-id", target["run_id"], "--branch", "env", "--top-k", "20", "--format", "json")
+    assert by_env.exit_code == 0, by_env.output
+    ids = [r["run_id"] for r in json.loads(by_env.output)]
+    assert set(labels.filter(pl.col("run_id").is_in(ids)).get_column("env")) == {target["env"]}
+    by_config = invoke("similar", *source, "--model-id", MODEL, "--run-id", target["run_id"], "--branch", "config", "--top-k", "20", "--format", "json")
+    ids = [r["run_id"] for r in json.loads(by_config.output)]
+    assert set(labels.filter(pl.col("run_id").is_in(ids)).get_column("family")) == {target["family"]}
+    v1 = invoke("similar", *source, "--model-id", "joint-meta-config-env-v1", "--run-id", target["run_id"], "--branch", "env")
+    assert v1.exit_code == 2 and "needs a v2 model" in v1.output
+    unknown = invoke("similar", *source, "--model-id", MODEL, "--run-id", target["run_id"], "--branch", "everything")
+    assert unknown.exit_code == 2 and "--branch" in unknown.output
