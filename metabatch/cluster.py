@@ -199,7 +199,9 @@ def _sets_apart(space: Space, runs: pl.DataFrame, k: int) -> pl.DataFrame:
     from .encoders.v2 import by_path
     from .unnest import collect_config
 
-    sample = runs.with_columns(rank=pl.int_range(pl.len()).shuffle(seed=0).over("cluster")).filter(pl.col("rank") < CONFIGS_PER_CLUSTER)
+    from .landscape import with_random_rank
+
+    sample = with_random_rank(runs, "cluster", 0).filter(pl.col("rank") <= CONFIGS_PER_CLUSTER)
     ids = sample.get_column("run_id").to_list()
     configs = space.configs(ids)
     texts = pa.array([json.dumps(configs.get(r, {})) for r in ids], pa.string())

@@ -145,9 +145,16 @@ def _stratified(frame: pl.DataFrame, column: str, count: int, seed: int) -> pl.D
     """``count`` rows (about), each stratum of ``column`` in proportion and at least one."""
     sizes = frame.group_by(column).agg(n=pl.len())
     total = frame.height
-    quota = sizes.with_columns(quota=pl.max_horizontal(pl.lit(1), (pl.col("n") * count / total).floor().cast(pl.Int64)))
-    ranked = frame.with_columns(rank=pl.int_range(pl.len()).shuffle(seed=seed).over(column))
-    return ranked.join(quota.select(column, "quota"), on=column, how="left", nulls_equal=True).filter(pl.col("rank") < pl.col("quota")).drop("rank", "quota").sort("position")
+    quota = sizes.with_columns(quota=pl.max_horizontal(pl.lit(1), (pl.col("n").cast(pl.Float64) * count / total).floor().cast(pl.Int64)))
+    ranked = with_random_rank(frame, column, seed)
+    return ranked.join(quota.select(column, "quota"), on=column, how="left", nulls_equal=True).filter(pl.col("rank") <= pl.col("quota")).drop("rank", "quota").sort("position")
+
+
+def with_random_rank(frame: pl.DataFrame, column: str, seed: int) -> pl.DataFrame:
+    """``frame`` with ``rank``: each row's rank (1, 2, ...) within its ``column``
+    group, in a random order fixed by ``seed``."""
+    keyed = frame.with_columns(_key=pl.Series(np.random.default_rng(seed).random(frame.height)))
+    return keyed.with_columns(rank=pl.col("_key").rank("ordinal").over(column)).drop("_key")
 
 
 def hover_paths(space: Space, count: int = HOVER_PATHS) -> list[str]:

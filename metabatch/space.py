@@ -32,7 +32,6 @@ from typing import Sequence
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.dataset as pads
 
 from .embed import DIM
 from .errors import BadInput, MetabatchError
@@ -53,6 +52,9 @@ class Space:
     manifest: dict
     env_values: pl.DataFrame  # run_id (as runs), then per env key: its values (JSON text)
     metric_columns: list[str] = field(default_factory=list)
+    rank: np.ndarray | None = None  # each run's rank by run_id (ties in a ranking are broken by it)
+    locations: pl.DataFrame | None = None  # run_id, file, row: where each run's config is in the runs files
+    env_unit: np.ndarray | None = None  # the snapshot's L2-normalised env slices (index/<model>/env.npy), by matrix row
     _units: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _temporary: str | None = None
@@ -75,6 +77,9 @@ class Space:
         if branch not in (*self.slices, "joint"):
             raise BadInput(f"unknown branch `{branch}`: use joint, config, env or outcome")
         with self._lock:
+            if branch == "env" and self.env_unit is not None and branch not in self._units:
+                identity = len(self.rows) == len(self.env_unit) and bool((self.rows == np.arange(len(self.rows))).all())
+                self._units[branch] = self.env_unit if identity else np.asarray(self.env_unit[self.rows])
             if branch not in self._units:
                 start, stop = (0, DIM) if branch == "joint" else self.slices[branch]
                 out = np.empty((len(self.rows), stop - start), np.float32)
@@ -92,22 +97,29 @@ class Space:
         return self.runs.get_column(name).cast(pl.Float64).fill_null(np.nan).to_numpy()
 
     def configs(self, run_ids: Sequence[str]) -> dict[str, dict]:
-        """The configs (parsed) of some runs, read from the snapshot's runs files."""
-        if not run_ids:
+        """The configs (parsed) of some runs, read from the snapshot's runs files:
+        only the row groups that hold them."""
+        import pyarrow.parquet as pq
+
+        wanted = list(dict.fromkeys(run_ids))
+        if not wanted or self.locations is None:
             return {}
-        files = [str(self.folder / f) for f in self.manifest["runs"]["files"]]
-        if not files:
-            return {}
-        wanted = pa.array(list(dict.fromkeys(run_ids)), pa.string())
-        table = pads.dataset(files, format="parquet").to_table(
-            columns=["run_id", "config_json"], filter=pads.field("run_id").isin(wanted)
-        )
+        found = self.locations.filter(pl.col("run_id").is_in(wanted))
         out = {}
-        for run_id, text in zip(table.column("run_id").to_pylist(), table.column("config_json").to_pylist()):
-            try:
-                out[run_id] = json.loads(text) if text else {}
-            except ValueError:
-                out[run_id] = {}
+        for (file,), group in found.group_by(["file"]):
+            parquet = pq.ParquetFile(self.folder / self.manifest["runs"]["files"][file])
+            starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+            rows = group.get_column("row").to_numpy()
+            groups = np.searchsorted(starts, rows, side="right") - 1
+            for g in np.unique(groups).tolist():  # a loop over the few row groups holding them
+                table = parquet.read_row_group(g, columns=["run_id", "config_json"])
+                for row in rows[groups == g].tolist():
+                    at = row - int(starts[g])
+                    run_id, text = table.column("run_id")[at].as_py(), table.column("config_json")[at].as_py()
+                    try:
+                        out[run_id] = json.loads(text) if text else {}
+                    except ValueError:
+                        out[run_id] = {}
         return out
 
     def close(self) -> None:
@@ -167,20 +179,17 @@ def snapshot_model(folder: Path, manifest: dict, model_id: str) -> RegisteredMod
 
 
 def _load(folder: Path, manifest: dict, model_id: str, strategy_ids, start, end) -> Space:
-    from .query import open_snapshot
-
     model = snapshot_model(folder, manifest, model_id)
-    data = open_snapshot(folder).model(model_id)
-    if DIM not in data.matrices:
+    entry = manifest["embeddings"]["models"].get(model_id, {})
+    vectors = entry.get("vectors", {}).get(str(DIM))
+    if vectors is None:
         raise BadInput(f"model `{model_id}` has no {DIM}-dim vectors in snapshot `{folder}`")
-    meta = pl.from_arrow(
-        data.sql(
-            "SELECT run_id, strategy_id, universe_id, as_of_date, source, vector_row FROM embeddings"
-            " WHERE dim = $dim AND vector_row IS NOT NULL AND run_id IS NOT NULL"
-            " QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY joint_id DESC) = 1",
-            {"dim": DIM},
-        )
-    )
+    matrix = np.load(folder / vectors["path"], mmap_mode="r")
+    with pa.memory_map(str(folder / entry["meta"])) as source:
+        meta = pl.from_arrow(pa.ipc.open_file(source).read_all().select(["joint_id", *RUN_COLUMNS, "dim", "vector_row"]))
+    meta = meta.filter((pl.col("dim") == DIM) & pl.col("vector_row").is_not_null() & pl.col("run_id").is_not_null())
+    if meta.get_column("run_id").n_unique() < meta.height:  # a run's latest embedding only
+        meta = meta.sort("joint_id", descending=True).unique("run_id", keep="first").sort("vector_row")
     if strategy_ids:
         meta = meta.filter(pl.col("strategy_id").is_in(list(strategy_ids)))
     if start is not None:
@@ -189,36 +198,46 @@ def _load(folder: Path, manifest: dict, model_id: str, strategy_ids, start, end)
         meta = meta.filter(pl.col("as_of_date") <= end)
     if meta.height == 0:
         raise BadInput(f"no embeddings of model `{model_id}` in snapshot `{folder}` for this selection", "check --strategy-id, --start, --end")
-    meta = meta.sort("run_id")
-    metrics, metric_columns = _metric_columns(folder, manifest)
-    runs = meta.select(*RUN_COLUMNS).join(metrics, on="run_id", how="left") if metrics is not None else meta.select(*RUN_COLUMNS)
-    env = _env_values(folder, manifest, model_id, meta.select("run_id"))
+    columns, metric_columns, env_columns = _run_columns(folder, manifest, model_id)
+    joined = meta.select(*RUN_COLUMNS).join(columns, on="run_id", how="left", maintain_order="left")
+    runs = joined.select(*RUN_COLUMNS, *metric_columns)
+    env = joined.select("run_id", *env_columns)
+    locations = joined.select("run_id", "file", "row").filter(pl.col("file").is_not_null())
+    env_unit = None
+    if "env_unit" in entry:
+        env_unit = np.load(folder / entry["env_unit"]["path"], mmap_mode="r")
     return Space(
-        model=model, runs=runs, matrix=data.matrices[DIM], rows=meta.get_column("vector_row").to_numpy(),
+        model=model, runs=runs, matrix=matrix, rows=meta.get_column("vector_row").to_numpy(),
         folder=folder, manifest=manifest, env_values=env, metric_columns=metric_columns,
+        rank=meta.get_column("run_id").rank("ordinal").to_numpy().astype(np.int64), locations=locations, env_unit=env_unit,
     )
 
 
-def _metric_columns(folder: Path, manifest: dict) -> tuple[pl.DataFrame | None, list[str]]:
-    """run_id and the numeric metric columns of the snapshot's runs (no JSON read)."""
-    files = [str(folder / f) for f in manifest["runs"]["files"]]
-    columns = [c for c in manifest["runs"].get("metric_columns", [])]
-    if not files:
-        return None, []
-    dataset = pads.dataset(files, format="parquet")
-    present = [c for c in columns if c in dataset.schema.names]
-    table = dataset.to_table(columns=["run_id", *present])
-    frame = pl.from_arrow(table).unique("run_id", keep="first")
-    return frame.with_columns([pl.col(c).cast(pl.Float64) for c in present]), present
+def _run_columns(folder: Path, manifest: dict, model_id: str) -> tuple[pl.DataFrame, list[str], list[str]]:
+    """Per run of the snapshot's runs files: run_id, the numeric metric columns
+    (no JSON read), the model's env values and where the run is (``file``,
+    ``row``, for ``Space.configs``); with the metric and env column names."""
+    import pyarrow.parquet as pq
 
-
-def _env_values(folder: Path, manifest: dict, model_id: str, run_ids: pl.DataFrame) -> pl.DataFrame:
-    entry = manifest.get("models", {}).get(model_id, {})
-    path = entry.get("env_values")
-    if not path or not (folder / path).exists():
-        return run_ids
-    values = pl.read_parquet(folder / path)
-    return run_ids.join(values, on="run_id", how="left")
+    columns = list(manifest["runs"].get("metric_columns", []))
+    frames = []
+    for index, name in enumerate(manifest["runs"]["files"]):  # a loop over the part files
+        parquet = pq.ParquetFile(folder / name)
+        present = [c for c in columns if c in parquet.schema_arrow.names]
+        frame = pl.from_arrow(parquet.read(columns=["run_id", *present]))
+        frames.append(frame.with_columns(*(pl.col(c).cast(pl.Float64) for c in present), file=pl.lit(index, pl.Int32), row=pl.int_range(pl.len(), dtype=pl.Int64)))
+    runs = pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame(schema={"run_id": pl.String, "file": pl.Int32, "row": pl.Int64})
+    metric_columns = [c for c in columns if c in runs.columns]
+    env_columns: list[str] = []
+    path = manifest.get("models", {}).get(model_id, {}).get("env_values")
+    if path and (folder / path).exists():
+        env = pl.read_parquet(folder / path)
+        env_columns = [c for c in env.columns if c != "run_id"]
+        if env.height == runs.height and env.get_column("run_id").equals(runs.get_column("run_id")):
+            runs = pl.concat([runs, env.drop("run_id")], how="horizontal")  # written in the runs' order
+        else:
+            runs = runs.join(env, on="run_id", how="left", maintain_order="left")
+    return runs, metric_columns, env_columns
 
 
 def _from_database(model_id, historical_url, runtime_url, strategy_ids, start, end) -> Space:

@@ -119,7 +119,7 @@ def plan_suggestions(
         cosine = env_units @ env_units[target_position]
         target = {"like_run": like_run, "env": _run_env(space, target_position)}
         # re-centred on the nearest runs: their centroid is the environment, the target one run of it
-        core = _nearest(cosine, np.isfinite(cosine), CORE, run_ids)
+        core = _nearest(cosine, np.isfinite(cosine), CORE, space.rank)
         centroid = env_units[core].astype(np.float64).sum(axis=0)
         cosine = env_units @ (centroid / np.linalg.norm(centroid)).astype(np.float32)
     else:
@@ -131,10 +131,10 @@ def plan_suggestions(
     usable = np.isfinite(values) & (cosine > 0)
     if not usable.any():
         raise BadInput("no run with that metric has an environment like the target's", "check the target and --metric")
-    order = _neighbourhood(cosine, usable, neighbours, run_ids)
-    frame = _groups(space, order, values, sign, cosine, duplicate_cosine, top_k, name)
+    order = _neighbourhood(cosine, usable, neighbours, space.rank)
+    frame, configs = _groups(space, order, values, sign, cosine, duplicate_cosine, top_k, name, like_run)
     # the paths where each suggestion differs from the target run's config (none without one)
-    target_config = space.configs([like_run]).get(like_run, {}) if like_run is not None else None
+    target_config = configs.get(like_run, {}) if like_run is not None else None
     weighed = _weighed_paths(space)
     differs = [None if target_config is None else _differences(target_config, json.loads(c), weighed) for c in frame.get_column("config")]
     frame = frame.with_columns(pl.Series("differs", differs, dtype=pl.List(pl.String)))
@@ -198,26 +198,27 @@ def _env_cosines(space: Space, given: dict) -> np.ndarray:
     return cos[index].astype(np.float64)
 
 
-def _neighbourhood(cosine: np.ndarray, usable: np.ndarray, limit: int, run_ids: pl.Series) -> np.ndarray:
+def _neighbourhood(cosine: np.ndarray, usable: np.ndarray, limit: int, rank: np.ndarray) -> np.ndarray:
     """The runs about as near the target as its ``CORE`` nearest (see the module docstring)."""
-    nearest = _nearest(cosine, usable, max(limit, CORE), run_ids)
+    nearest = _nearest(cosine, usable, max(limit, CORE), rank)
     core = cosine[nearest[:CORE]]
     threshold = np.quantile(core, 0.1) - ENV_MARGIN
     held = nearest[cosine[nearest] >= threshold]
     return held[: max(limit, CORE)] if len(held) >= CORE else nearest[:CORE]
 
 
-def _nearest(cosine: np.ndarray, usable: np.ndarray, count: int, run_ids: pl.Series) -> np.ndarray:
-    """Positions of the ``count`` usable runs most like the target, ties at the edge kept."""
+def _nearest(cosine: np.ndarray, usable: np.ndarray, count: int, rank: np.ndarray) -> np.ndarray:
+    """Positions of the ``count`` usable runs most like the target, ties at the
+    edge kept, nearest first (ties by run_id: ``rank``)."""
     candidates = np.flatnonzero(usable)
     if len(candidates) > count:
         kth = np.partition(cosine[candidates], len(candidates) - count)[len(candidates) - count]
         candidates = candidates[cosine[candidates] >= kth - 1e-6]
-    ids = run_ids.to_numpy()[candidates]
-    return candidates[np.lexsort((ids, -cosine[candidates]))]
+    return candidates[np.lexsort((rank[candidates], -cosine[candidates]))]
 
 
-def _groups(space: Space, order: np.ndarray, values, sign, cosine, threshold: float, top_k: int, metric: str) -> pl.DataFrame:
+def _groups(space: Space, order: np.ndarray, values, sign, cosine, threshold: float, top_k: int, metric: str, also: str | None):
+    """The suggestions as a frame, and the configs read (their best runs' and ``also``'s)."""
     start, stop = space.slices["config"]
     block = space.vectors(order)[:, start:stop].astype(np.float64)
     norms = np.linalg.norm(block, axis=1)
@@ -244,7 +245,7 @@ def _groups(space: Space, order: np.ndarray, values, sign, cosine, threshold: fl
     chosen = stats[:top_k]
     run_ids = space.runs.get_column("run_id").to_numpy()
     best_runs = [str(run_ids[order[s[2]]]) for s in chosen]
-    configs = space.configs(best_runs)
+    configs = space.configs(best_runs + ([also] if also else []))
     rows = []
     for rank, (shrunk, _, leader, members) in enumerate(chosen, start=1):
         positions = order[members]
@@ -266,7 +267,7 @@ def _groups(space: Space, order: np.ndarray, values, sign, cosine, threshold: fl
         "rank": pl.Int64, "config": pl.String, "run_ids": pl.List(pl.String), "metric": pl.String, "mean": pl.Float64,
         "std": pl.Float64, "support": pl.Int64, "env_cosine": pl.Float64, "score": pl.Float64,
     }
-    return pl.DataFrame(rows, schema=schema)
+    return pl.DataFrame(rows, schema=schema), configs
 
 
 def _flat(value, path: str = "") -> dict:

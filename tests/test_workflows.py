@@ -227,3 +227,17 @@ def test_similar_on_one_branch(world, where):
     assert v1.exit_code == 2 and "needs a v2 model" in v1.output
     unknown = invoke("similar", *source, "--model-id", MODEL, "--run-id", target["run_id"], "--branch", "everything")
     assert unknown.exit_code == 2 and "--branch" in unknown.output
+
+
+def test_a_stratified_sample_keeps_each_stratum_in_proportion():
+    from metabatch.landscape import _stratified
+
+    rng = np.random.default_rng(3)
+    frame = pl.DataFrame({"position": np.arange(900_000), "strategy_id": rng.choice(["A", "B", "C", "D"], 900_000, p=[0.5, 0.3, 0.19, 0.01])})
+    sample = _stratified(frame, "strategy_id", 60_000, seed=1)
+    assert 59_990 <= sample.height <= 60_000
+    shares = dict(sample.group_by("strategy_id").len().iter_rows())
+    expected = dict(frame.group_by("strategy_id").len().iter_rows())
+    for key, count in expected.items():
+        assert abs(shares[key] - count * 60_000 / 900_000) <= 1
+    assert sample.get_column("position").is_sorted() and sample.get_column("position").n_unique() == sample.height

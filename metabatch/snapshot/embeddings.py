@@ -81,17 +81,32 @@ class EmbeddingWriter:
         self.root = root
         self.models: dict[str, _ModelFiles] = {}
         self.run_ids: list[pa.Array] = []
+        # model id -> (start, stop) of its env slice (v2 models): written again,
+        # L2-normalised, as index/<model>/env.npy, all ``suggest`` reads
+        self.env_slices: dict[str, tuple[int, int]] = {}
 
     def _files(self, model_id: str) -> _ModelFiles:
         if model_id not in self.models:
             self.models[model_id] = _ModelFiles(model_dir_name(model_id))
         return self.models[model_id]
 
-    def _vector_file(self, model_id: str, dim: int) -> VectorFile:
+    def _vector_file(self, model_id: str, dim: int | str, width: int | None = None) -> VectorFile:
         files = self._files(model_id)
         if dim not in files.vectors:
-            files.vectors[dim] = VectorFile(self.root / "index" / model_dir_name(model_id) / f"d{dim}.npy", dim)
+            name = f"d{dim}.npy" if isinstance(dim, int) else f"{dim}.npy"
+            files.vectors[dim] = VectorFile(self.root / "index" / model_dir_name(model_id) / name, width or dim)
         return files.vectors[dim]
+
+    def _append(self, model_id: str, dim: int, matrix: np.ndarray) -> int:
+        """Append vectors to the model's .npy of ``dim`` (and its env slice); returns the first row."""
+        first = self._vector_file(model_id, dim).append(matrix)
+        if dim == DIM and model_id in self.env_slices:
+            start, stop = self.env_slices[model_id]
+            block = matrix[:, start:stop].astype(np.float64)
+            norms = np.sqrt(np.einsum("ij,ij->i", block, block))
+            unit = (block / np.where(norms > 0, norms, 1.0)[:, None]).astype("<f4")
+            self._vector_file(model_id, "env", stop - start).append(unit)
+        return first
 
     def add(self, batch: pa.RecordBatch) -> list[Part]:
         table = pa.Table.from_batches([batch])
@@ -111,7 +126,7 @@ class EmbeddingWriter:
         if dims.null_count == 0 and pc.all(pc.equal(dims, DIM)).as_py():
             # The usual batch: every vector has DIM components.
             matrix = vector_matrix(vectors, DIM)
-            first = self._vector_file(model_id, DIM).append(matrix)
+            first = self._append(model_id, DIM, matrix)
             norms = pa.array(l2_norms(matrix))
             vector_row = pa.array(np.arange(first, first + n, dtype=np.int64))
             parquet_vector = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), type=VECTOR_TYPE)
@@ -126,7 +141,7 @@ class EmbeddingWriter:
             for dim in sorted(set(dim_values.tolist()) - {-1}):
                 where = np.flatnonzero(dim_values == dim)
                 matrix = vector_matrix(vectors.take(pa.array(where)), dim)
-                first = self._vector_file(model_id, dim).append(matrix)
+                first = self._append(model_id, dim, matrix)
                 norm_values[where] = l2_norms(matrix)
                 row_values[where] = np.arange(first, first + len(where))
                 if dim == DIM:
@@ -183,9 +198,12 @@ class EmbeddingWriter:
                 "meta": f"index/{files.folder}/meta.arrow",
                 "vectors": {
                     str(dim): {"path": v.path.relative_to(self.root).as_posix(), "rows": v.rows}
-                    for dim, v in sorted(files.vectors.items())
+                    for dim, v in sorted((d, v) for d, v in files.vectors.items() if isinstance(d, int))
                 },
             }
+            if "env" in files.vectors:
+                v = files.vectors["env"]
+                models[model_id]["env_unit"] = {"path": v.path.relative_to(self.root).as_posix(), "rows": v.rows, "width": v.dim}
         return {"rows": sum(m["rows"] for m in models.values()), "models": models}
 
     def abort(self) -> None:

@@ -183,6 +183,7 @@ def _write_snapshot(
         run_store.check_table("backtest_runs")
         wanted = [flt.model_id] if flt.model_id is not None else [m["model_id"] for m in emb_store.list_models()]
         model_writer = ModelWriter(build, [row for row in map(emb_store.read_model, wanted) if row is not None])
+        emb_writer.env_slices = model_writer.env_slices()
         run_writer = RunWriter(build, model_writer.add_runs)
 
         def stage(source, ahead):

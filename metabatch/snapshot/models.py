@@ -31,6 +31,10 @@ class ModelWriter:
         }
         self.env_parts: dict[str, list[pa.Table]] = {model_id: [] for model_id in self.paths}
 
+    def env_slices(self) -> dict[str, tuple[int, int]]:
+        """model id -> the dimensions of its env slice, for the v2 models."""
+        return {model_id: tuple(self.models[model_id].slices["env"]) for model_id in self.paths}
+
     def add_runs(self, con: duckdb.DuckDBPyConnection, runs: pa.Table) -> None:
         """Extract the env values of a chunk of runs (run_id, config_json) for every v2 model."""
         for model_id, paths in self.paths.items():
@@ -57,7 +61,8 @@ class ModelWriter:
                 parts = [t for t in self.env_parts[model_id] if t.num_rows]
                 if parts:
                     table = pl.from_arrow(pa.concat_tables(parts)).filter(pl.col("run_id").is_in(pl.from_arrow(run_ids).implode()))
-                    table.unique("run_id", keep="first").write_parquet(folder / "env.parquet", compression="zstd")
+                    # in the runs files' order (the same chunks, the same filter): readers line them up without a join
+                    table.unique("run_id", keep="first", maintain_order=True).write_parquet(folder / "env.parquet", compression="zstd")
                     entry["env_values"] = (folder / "env.parquet").relative_to(self.root).as_posix()
             section[model_id] = entry
         return section

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 # Runs per prepared chunk and part file.
 RUNS_CHUNK_ROWS = 131_072
+RUN_GROUP_ROWS = 8_192
 RUN_BASE_COLUMNS = ("run_id", "strategy_id", "universe_id", "start_date", "end_date", "config_json", "metrics_json")
 _METRIC_KEY = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _NUMERIC_JSON = ("BIGINT", "UBIGINT", "DOUBLE", "HUGEINT")
@@ -111,7 +112,8 @@ class RunWriter:
         path = self.root / "runs" / f"part-{len(self.files):05d}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(
-            table, path, compression="zstd", row_group_size=65_536,
+            # small row groups: a config is read by its row (suggest, cluster) without decoding 65k others
+            table, path, compression="zstd", row_group_size=RUN_GROUP_ROWS,
             use_dictionary=["strategy_id", "universe_id"],
             write_statistics=["run_id", "strategy_id", "universe_id", "start_date", "end_date", *table.column_names[7:]],
         )
