@@ -103,12 +103,11 @@ def cluster_runs(
         labels[rows] = centroids.predict(x[rows])
         distance[rows] = np.linalg.norm(x[rows] - centroids.cluster_centers_[labels[rows]], axis=1)
     labels = _by_size(labels, k)
-    centers = _centers(x, labels, k)
     assignments = pl.DataFrame(
         {"run_id": space.runs.get_column("run_id"), "cluster": pl.Series(labels, dtype=pl.Int64), "distance": pl.Series(distance, dtype=pl.Float64)}
     ).filter(pl.col("cluster") >= 0)
     progress("summarising")
-    summary, metric_name = _summary(space, labels, distance, k, centers, metric)
+    summary, metric_name = _summary(space, labels, distance, k, metric)
     return Clustering(model_id, on, k, chosen_by, assignments, summary, silhouettes, metric_name)
 
 
@@ -140,15 +139,7 @@ def _by_size(labels: np.ndarray, k: int) -> np.ndarray:
     return np.where(labels >= 0, new[np.maximum(labels, 0)], -1)
 
 
-def _centers(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    centers = np.zeros((k, x.shape[1]))
-    held = labels >= 0
-    np.add.at(centers, labels[held], x[held])
-    counts = np.bincount(labels[held], minlength=k)
-    return centers / np.maximum(counts, 1)[:, None]
-
-
-def _summary(space: Space, labels, distance, k, centers, metric: str | None) -> tuple[pl.DataFrame, str | None]:
+def _summary(space: Space, labels, distance, k, metric: str | None) -> tuple[pl.DataFrame, str | None]:
     from .suggest import pick_metric
 
     try:
