@@ -33,9 +33,8 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -43,6 +42,9 @@ import pyarrow.compute as pc
 
 from .embed import DEFAULT_MODEL_ID, DIM, JOINT_TYPE
 from .errors import BadInput, MetabatchError
+
+if TYPE_CHECKING:  # imported where it is used: `similar` does without DuckDB
+    import duckdb
 from .resources import resource_dir
 from .snapshot import MANIFEST, l2_norms, read_manifest, vector_dims, vector_matrix
 from .stores import open_store
@@ -100,12 +102,6 @@ def _where(clauses: list[str]) -> str:
     return (" WHERE " + " AND ".join(clauses)) if clauses else ""
 
 
-# The target's rows, latest first (the first one is the target; all are excluded).
-_TARGET_SQL = "SELECT vector_row, dim, joint_id FROM embeddings WHERE run_id = $run_id ORDER BY joint_id DESC"
-# Candidates; a NULL run_id is no candidate (the seeds compared `run_id <> target`).
-_CANDIDATES_SQL = "SELECT coalesce(vector_row, -1) AS vector_row, coalesce(dim, -1) AS dim FROM embeddings"
-# --candidate-limit: the most recent candidates, as the seeds' query had them.
-_CANDIDATES_LIMIT_SQL = " ORDER BY joint_id DESC LIMIT {limit}"
 _SHOW_SQL = (
     "SELECT as_of_date, run_id, strategy_id, universe_id, model_id,"
     " coalesce(dim, 0)::INTEGER AS dim, coalesce(l2_norm, 0.0) AS l2_norm FROM embeddings"
@@ -120,45 +116,91 @@ _NORMS_GROUP_SQL = " GROUP BY run_id ORDER BY run_id"
 
 
 class EmbeddingSet:
-    """Embeddings in memory: a DuckDB table ``embeddings`` (META_COLUMNS + model_id,
-    no vectors) and ``matrices[dim]`` (float32; a row's vector is row ``vector_row``)."""
+    """Embeddings in memory: ``meta``, their columns as Arrow (META_COLUMNS +
+    model_id, no vectors), and ``matrices[dim]`` (float32; a row's vector is row
+    ``vector_row``). ``similar`` picks rows with Arrow and NumPy; ``sql`` queries
+    a DuckDB table ``embeddings`` of ``meta``, made on its first call."""
 
     def __init__(self, meta: pa.Table, matrices: dict[int, np.ndarray]):
+        self.meta = meta
         self.matrices = matrices
         self.rows = meta.num_rows
-        self._con = duckdb.connect()
-        # A native table: point lookups and filters run several times faster than on Arrow.
-        self._con.register("mb_meta", meta)
-        self._con.execute("CREATE TABLE embeddings AS SELECT * FROM mb_meta")
-        self._con.unregister("mb_meta")
+        self._con = None
         self._lock = threading.Lock()
-        self._by_row: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._by_dim: dict[int, _MatrixRows] = {}
+        self._numbers: dict[str, np.ndarray] = {}
+        self._batches: list[pa.RecordBatch] | None = None  # meta, batch by batch (``take``)
+        self._starts: np.ndarray | None = None
 
     def sql(self, query: str, params: dict) -> pa.Table:
         with self._lock:
+            if self._con is None:
+                import duckdb
+
+                self._con = duckdb.connect()
+                # A native table: point lookups and filters run several times faster than on Arrow.
+                self._con.register("mb_meta", self.meta)
+                self._con.execute("CREATE TABLE embeddings AS SELECT * FROM mb_meta")
+                self._con.unregister("mb_meta")
             return self._con.sql(query, params=params).to_arrow_table()
 
-    def rows_of(self, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For matrix ``dim``, per matrix row: joint_id, the L2 norm (float64) and
-        its inverse as float32 (0 for a zero vector, whose cosine is 0)."""
-        if dim not in self._by_row:
+    def numbers(self, column: str) -> np.ndarray:
+        """An integer column as NumPy (kept), NULL as -1 (joint_id: the smallest int64)."""
+        if column not in self._numbers:
+            null = np.iinfo(np.int64).min if column == "joint_id" else -1
+            self._numbers[column] = pc.fill_null(self.meta.column(column), null).to_numpy()
+        return self._numbers[column]
+
+    def take(self, positions) -> pa.Table:
+        """The rows of ``meta`` at ``positions``, taken from the record batch
+        that holds each: a ``take`` over a table of many batches (a snapshot's
+        index has one per part file) costs about 10 ms per string column."""
+        if self._batches is None:
+            self._batches = self.meta.to_batches()
+            self._starts = np.cumsum([0] + [b.num_rows for b in self._batches])
+        positions = np.asarray(positions, np.int64)
+        if not len(positions):
+            return self.meta.schema.empty_table()
+        chunks = np.searchsorted(self._starts, positions, side="right") - 1
+        rows = [self._batches[c].slice(int(p - self._starts[c]), 1) for c, p in zip(chunks.tolist(), positions.tolist())]
+        return pa.Table.from_batches(rows, schema=self.meta.schema)
+
+    def positions_of(self, run_id: str) -> np.ndarray:
+        """The positions in ``meta`` of the run's rows."""
+        return np.flatnonzero(pc.fill_null(pc.equal(self.meta.column("run_id"), run_id), False).to_numpy())
+
+    def rows_of(self, dim: int) -> _MatrixRows:
+        """What ``similar`` needs per row of matrix ``dim`` (see _MatrixRows)."""
+        if dim not in self._by_dim:
             n = len(self.matrices[dim])
-            found = self.sql(
-                "SELECT vector_row, joint_id, l2_norm FROM embeddings WHERE dim = $dim AND vector_row IS NOT NULL",
-                {"dim": dim},
-            )
-            at = found.column("vector_row").to_numpy()
+            vector_row = self.numbers("vector_row")
+            at = np.flatnonzero((self.numbers("dim") == dim) & (vector_row >= 0))
+            rows = vector_row[at]
+            position = np.zeros(n, dtype=np.int64)
+            position[rows] = at
             joint_id = np.zeros(n, dtype=np.int64)
-            joint_id[at] = found.column("joint_id").to_numpy()
+            joint_id[rows] = self.numbers("joint_id")[at]
             norms = np.zeros(n, dtype=np.float64)
-            norms[at] = found.column("l2_norm").to_numpy()
+            norms[rows] = self.meta.column("l2_norm").to_numpy()[at]
             inv = np.zeros(n, dtype=np.float32)
             np.divide(1.0, norms, out=inv, where=norms > 0, casting="unsafe")
-            self._by_row[dim] = (joint_id, norms, inv)
-        return self._by_row[dim]
+            self._by_dim[dim] = _MatrixRows(position, joint_id, norms, inv)
+        return self._by_dim[dim]
 
     def close(self) -> None:
-        self._con.close()
+        if self._con is not None:
+            self._con.close()
+
+
+@dataclass
+class _MatrixRows:
+    """Per row of one matrix: its position in ``meta``, its joint_id, its L2 norm
+    (float64) and the inverse norm as float32 (0 for a zero vector, whose cosine is 0)."""
+
+    position: np.ndarray
+    joint_id: np.ndarray
+    norms: np.ndarray
+    inv: np.ndarray
 
 
 def _with_model(meta: pa.Table, model_id: str) -> pa.Table:
@@ -333,7 +375,7 @@ def branch_set(data: EmbeddingSet, window: tuple[int, int] | None) -> EmbeddingS
     if window is None:
         return data
     start, stop = window
-    meta = data.sql("SELECT * FROM embeddings", {})
+    meta = data.meta
     if DIM not in data.matrices:
         return EmbeddingSet(meta, {})
     matrix = np.ascontiguousarray(data.matrices[DIM][:, start:stop])
@@ -478,7 +520,8 @@ def _euclidean(matrix: np.ndarray, rows: np.ndarray, q: np.ndarray) -> np.ndarra
 def _top(data: EmbeddingSet, dim: int, rows: np.ndarray, q: np.ndarray, k: int) -> _Scored:
     """The k best of matrix[rows] for q, exactly ordered (see the module docstring)."""
     matrix = data.matrices[dim]
-    joint_id, norms, inv = data.rows_of(dim)
+    by_row = data.rows_of(dim)
+    joint_id, norms, inv = by_row.joint_id, by_row.norms, by_row.inv
     n_all = len(matrix)
     q_norm = float(np.sqrt(q @ q))
     # Score in float32: one pass over the whole matrix when most rows are candidates
@@ -523,25 +566,47 @@ def _top(data: EmbeddingSet, dim: int, rows: np.ndarray, q: np.ndarray, k: int) 
     return _Scored(near[order], cos[order], euc[order])
 
 
-def _target(data: EmbeddingSet, run_id: str, model_id: str) -> tuple[np.ndarray, int, np.ndarray]:
-    """The target's vector (float64; its latest embedding), its dim, and the
-    matrix rows of all its embeddings (never candidates)."""
-    found = data.sql(_TARGET_SQL, {"run_id": run_id})
-    if not found.num_rows:
+def _target(data: EmbeddingSet, run_id: str, model_id: str) -> tuple[np.ndarray, int]:
+    """The target's vector (float64; its latest embedding) and its dim."""
+    at = data.positions_of(run_id)
+    if not len(at):
         raise MetabatchError(
             f"run `{run_id}` has no {JOINT_TYPE} embedding for model `{model_id}`",
             "check the run id and --model-id (`metabatch show --run-id ID` lists a run's embeddings)",
         )
-    latest = found.slice(0, 1).to_pylist()[0]
+    latest = data.take([at[np.argmax(data.numbers("joint_id")[at])]])
+    latest = latest.select(["joint_id", "dim", "vector_row"]).to_pylist()[0]
     if latest["vector_row"] is None or latest["dim"] is None:
         raise MetabatchError(
             f"the embedding of run `{run_id}` (joint_id {latest['joint_id']}) has no usable vector",
             "backfill the run again",
         )
     dim = int(latest["dim"])
-    same = pc.fill_null(pc.equal(found.column("dim"), dim), False)
-    own_rows = found.column("vector_row").filter(same).to_numpy()
-    return np.asarray(data.matrices[dim][latest["vector_row"]], dtype=np.float64), dim, own_rows
+    return np.asarray(data.matrices[dim][latest["vector_row"]], dtype=np.float64), dim
+
+
+def _candidates(
+    data: EmbeddingSet, run_id: str, strategy_ids: Sequence[str], start: dt.date | None, end: dt.date | None,
+    candidate_limit: int | None,
+) -> np.ndarray:
+    """The positions in ``data.meta`` of the candidates: a run id other than the
+    target's, the filters, then the ``candidate_limit`` most recent by joint_id
+    (as the seeds' query had them)."""
+    meta = data.meta
+    keep = pc.is_valid(meta.column("run_id"))  # a NULL run_id is no candidate (the seeds compared `run_id <> target`)
+    if strategy_ids:
+        keep = pc.and_(keep, pc.is_in(meta.column("strategy_id"), value_set=pa.array(strategy_ids, pa.string())))
+    if start is not None:
+        keep = pc.and_(keep, pc.greater_equal(meta.column("as_of_date"), pa.scalar(start, pa.date32())))
+    if end is not None:
+        keep = pc.and_(keep, pc.less_equal(meta.column("as_of_date"), pa.scalar(end, pa.date32())))
+    keep = pc.fill_null(keep, False).to_numpy()
+    keep[data.positions_of(run_id)] = False
+    at = np.flatnonzero(keep)
+    if candidate_limit is not None and len(at) > candidate_limit:
+        joint_id = data.numbers("joint_id")[at]
+        at = np.sort(at[np.argpartition(joint_id, len(at) - candidate_limit)[len(at) - candidate_limit:]])
+    return at
 
 
 def similar(
@@ -585,26 +650,11 @@ def similar(
         window = _branch_window(_registered_slices(url, model_id, branch), branch)
         target_set = branch_set(set_from_database(url, EmbeddingFilter(model_id, extra={"run_ids": [run_id]})), window)
         data = branch_set(set_from_database(url, EmbeddingFilter(model_id, tuple(strategy_ids), start, end)), window)
-    q, dim, own_rows = _target(target_set, run_id, model_id)
-
-    clauses, params = _clauses(strategy_ids=strategy_ids, start=start, end=end)
-    # The target run's rows are no candidates. Without a limit, on one set, they
-    # are dropped by their rows (a point lookup beats comparing every run_id).
-    in_sql = candidate_limit is not None or data is not target_set
-    if in_sql:
-        clauses.append("run_id <> $run_id")
-        params["run_id"] = run_id
-    query = _CANDIDATES_SQL + _where(["run_id IS NOT NULL", *clauses])
-    if candidate_limit is not None:
-        query += _CANDIDATES_LIMIT_SQL.format(limit=int(candidate_limit))
-    found = data.sql(query, params)
-    rows = found.column("vector_row").to_numpy()
-    dims = found.column("dim").to_numpy()
+    q, dim = _target(target_set, run_id, model_id)
+    at = _candidates(data, run_id, strategy_ids, start, end, candidate_limit)
+    rows = data.numbers("vector_row")[at]
+    dims = data.numbers("dim")[at]
     same = dims == dim
-    if not in_sql and len(own_rows):
-        keep = ~(np.isin(rows, own_rows) & (dims == dim))
-        same &= keep
-        dims = dims[keep]
     other = int(np.count_nonzero((dims != dim) & (dims >= 0)))
     without = int(np.count_nonzero(dims < 0))
     if other or without:
@@ -618,13 +668,8 @@ def similar(
 
 
 def _similar_frame(data: EmbeddingSet, dim: int, scored: _Scored) -> pl.DataFrame:
-    found = data.sql(
-        "SELECT vector_row, run_id, strategy_id, universe_id, as_of_date, source FROM embeddings"
-        " WHERE dim = $dim AND vector_row IN (SELECT unnest($rows))",
-        {"dim": dim, "rows": scored.vector_rows.tolist()},
-    )
-    position = {row: i for i, row in enumerate(found.column("vector_row").to_pylist())}  # k rows
-    picked = found.take(pa.array([position[r] for r in scored.vector_rows.tolist()], pa.int64()))
+    positions = data.rows_of(dim).position[scored.vector_rows] if len(scored.vector_rows) else np.empty(0, np.int64)
+    picked = data.take(positions)
     return pl.DataFrame(
         {
             "cosine": pl.Series(scored.cosine, dtype=pl.Float64),
@@ -692,6 +737,8 @@ def connect_snapshot(snapshot: str | os.PathLike | Snapshot) -> duckdb.DuckDBPyC
     if _GLOB_CHARACTERS & set(str(folder)):
         raise MetabatchError(f"the snapshot path `{folder}` contains glob characters (*?[]{{}})", "move or rename the folder")
     manifest = snap.manifest
+    import duckdb
+
     con = duckdb.connect()
     files = [str(folder / f) for m in manifest["embeddings"]["models"].values() for f in m["files"]]
     if files:
@@ -744,6 +791,8 @@ def connect_snapshot(snapshot: str | os.PathLike | Snapshot) -> duckdb.DuckDBPyC
 
 def run_sql(con: duckdb.DuckDBPyConnection, query: str) -> pl.DataFrame:
     """Run the statements of ``query``; the last one's result as a DataFrame."""
+    import duckdb
+
     try:
         statements = con.extract_statements(query)
     except duckdb.Error as exc:
