@@ -261,6 +261,7 @@ def main() -> None:
     for n in args.runs:
         print(f"N = {n}", file=sys.stderr)
         url = database_for(n, args.seed, args.reseed)
+        load_before = os.getloadavg()[0]
         pairs = []
         for _ in range(max(1, args.repeat)):
             pairs.append((run_metabatch(url, args.batch_size), run_io_floor(url)))
@@ -268,6 +269,8 @@ def main() -> None:
         pairs.sort(key=lambda pair: pair[0]["elapsed_seconds"] / pair[1]["seconds"])
         ours, floor = pairs[len(pairs) // 2]
         baseline = run_row_at_a_time(url, min(n, args.baseline_max))
+        # other jobs share the cores: the load average tells how much they took
+        load_after = os.getloadavg()[0]
         # above --baseline-max, the baseline's time for all the runs is extrapolated from its runs/s
         baseline["extrapolated"] = args.baseline_max < n
         baseline["seconds_for_all_runs"] = ours["runs_read"] / baseline["runs_per_second"]
@@ -280,6 +283,7 @@ def main() -> None:
             "ratio_to_io_floor": ours["elapsed_seconds"] / floor["seconds"],
             "ratios_to_io_floor": [m["elapsed_seconds"] / f["seconds"] for m, f in pairs],
             "peak_rss_mb_max": max(m["peak_rss_mb"] for m, _ in pairs),
+            "load_average_1min": [load_before, load_after],
         }
         (out_dir / f"backfill-{n}.json").write_text(json.dumps(result, indent=2))
         rows.append(result)
@@ -304,6 +308,9 @@ def main() -> None:
         if len(pairs) > 1:
             ratios = ", ".join(f"{r:.2f}" for r in sorted(result["ratios_to_io_floor"]))
             print(f"{'':13}ratios to the floor over {len(pairs)} alternating runs: {ratios} (median shown above)")
+            each = ", ".join(f"{m['elapsed_seconds']:.2f}s {m['peak_rss_mb']:.0f} MB / {f['seconds']:.2f}s" for m, f in pairs)
+            print(f"{'':13}each run (in the order above), metabatch / floor: {each}")
+        print(f"{'':13}load average (1 min) before / after this size: {load_before:.2f} / {load_after:.2f}")
         sys.stdout.flush()
     if len(rows) > 1:
         small, big = rows[0], rows[-1]
