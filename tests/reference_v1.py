@@ -166,8 +166,13 @@ def combine(vectors, weights):
 
 def encode_run(config_text, metrics_text, weights=(1.0, 1.0, 1.0)):
     """(vector bytes, source) for one run, (None, None) when skipped; Rejected when bad."""
-    cfg = as_object(parse_json(config_text), "config_json")
-    m = as_object(parse_json(metrics_text), "metrics_json")
+    return encode_values(parse_json(config_text), parse_json(metrics_text), weights)
+
+
+def encode_values(config, metrics, weights=(1.0, 1.0, 1.0)):
+    """encode_run for JSON already parsed (as a driver returns jsonb: dicts, lists, ...)."""
+    cfg = as_object(config, "config_json")
+    m = as_object(metrics, "metrics_json")
     vector, source = combine(branches(cfg, m), weights)
     if vector is None:
         return None, None
