@@ -59,19 +59,20 @@ def parse_value(text: str):
 
 def json_paths(model: V2Model) -> dict[str, str]:
     """config env path -> a DuckDB JSON path for its values (lists as [*])."""
-    lists = {p for p, m in model.config_paths.items() if m.length is not None}
-    out = {}
-    for path, kind in env_keys(model).items():
-        if kind != "config":
-            continue
-        parts = path.split(".")
-        pointer = "$"
-        for i, part in enumerate(parts):
-            pointer += "." + json.dumps(part)
-            if ".".join(parts[: i + 1]) in lists and i < len(parts) - 1:
-                pointer += "[*]"
-        out[path] = pointer
-    return out
+    return {path: json_path(model, path) for path, kind in env_keys(model).items() if kind == "config"}
+
+
+def json_path(model: V2Model, path: str) -> str:
+    """The DuckDB JSON path that extracts a config path's values: ``$."a"[*]."b"``
+    where the model saw ``a`` as a list (its values then come as one JSON array)."""
+    lists = model.list_paths()
+    parts = path.split(".")
+    pointer = "$"
+    for i, part in enumerate(parts):
+        pointer += "." + json.dumps(part)
+        if ".".join(parts[: i + 1]) in lists and i < len(parts) - 1:
+            pointer += "[*]"
+    return pointer
 
 
 def extract_env_values(con: duckdb.DuckDBPyConnection, configs: pa.Array, paths: dict[str, str]) -> pa.Table:
@@ -113,7 +114,7 @@ def encode_envs(model: V2Model, rows: list[dict], con: duckdb.DuckDBPyConnection
     con = con or duckdb.connect()
     keys = sorted({k for row in rows for k in row})
     kinds = env_keys(model)
-    lists = {p for p, m in model.config_paths.items() if m.length is not None}
+    lists = model.list_paths()
     only = V2Model(
         {"config": 0.0, "env": 1.0, "outcome": 0.0},
         {k: model.config_paths[k] for k in keys if kinds.get(k) == "config"},

@@ -177,21 +177,12 @@ def _with_config_values(space: Space, frame: pl.DataFrame) -> tuple[pl.DataFrame
     """The frame with the values of ``hover_paths`` for its runs (read with DuckDB from the snapshot's runs)."""
     import duckdb
 
-    from .environments import extract_env_values
+    from .environments import extract_env_values, json_path
 
     paths = hover_paths(space)
     if not paths:
         return frame, []
-    lists = {p for p, m in space.model.v2().config_paths.items() if m.length is not None}
-    pointers = {}
-    for path in paths:
-        parts = path.split(".")
-        pointer = "$"
-        for i, part in enumerate(parts):
-            pointer += "." + json.dumps(part)
-            if ".".join(parts[: i + 1]) in lists and i < len(parts) - 1:
-                pointer += "[*]"
-        pointers[path] = pointer
+    pointers = {path: json_path(space.model.v2(), path) for path in paths}
     files = [str(space.folder / f) for f in space.manifest["runs"]["files"]]
     con = duckdb.connect()
     con.register("mb_points", frame.select("run_id").to_arrow())

@@ -56,6 +56,7 @@ class Space:
     locations: pl.DataFrame | None = None  # run_id, file, row: where each run's config is in the runs files
     env_unit: np.ndarray | None = None  # the snapshot's L2-normalised env slices (index/<model>/env.npy), by matrix row
     _units: dict = field(default_factory=dict, repr=False)
+    _metrics: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _temporary: str | None = None
 
@@ -94,7 +95,10 @@ class Space:
         """A metric per run as float64, NaN where a run has none."""
         if name not in self.runs.columns:
             raise BadInput(f"no metric `{name}` in these runs", f"metrics with numbers: {', '.join(self.metric_columns) or 'none'}")
-        return self.runs.get_column(name).cast(pl.Float64).fill_null(np.nan).to_numpy()
+        with self._lock:
+            if name not in self._metrics:
+                self._metrics[name] = self.runs.get_column(name).cast(pl.Float64).fill_null(np.nan).to_numpy()
+            return self._metrics[name]
 
     def configs(self, run_ids: Sequence[str]) -> dict[str, dict]:
         """The configs (parsed) of some runs, read from the snapshot's runs files:

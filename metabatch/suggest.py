@@ -243,8 +243,8 @@ def _groups(space: Space, order: np.ndarray, values, sign, cosine, threshold: fl
         stats.append((shrunk, g, leader, members))
     stats.sort(key=lambda s: (-s[0], s[1]))
     chosen = stats[:top_k]
-    run_ids = space.runs.get_column("run_id").to_numpy()
-    best_runs = [str(run_ids[order[s[2]]]) for s in chosen]
+    run_ids = space.runs.get_column("run_id")  # gathered by position: 1M ids as Python objects cost 80 ms
+    best_runs = run_ids.gather([int(order[s[2]]) for s in chosen]).to_list()
     configs = space.configs(best_runs + ([also] if also else []))
     rows = []
     for rank, (shrunk, _, leader, members) in enumerate(chosen, start=1):
@@ -253,8 +253,8 @@ def _groups(space: Space, order: np.ndarray, values, sign, cosine, threshold: fl
         rows.append(
             {
                 "rank": rank,
-                "config": json.dumps(configs.get(str(run_ids[order[leader]]), {}), sort_keys=True),
-                "run_ids": [str(r) for r in run_ids[positions]],
+                "config": json.dumps(configs.get(best_runs[rank - 1], {}), sort_keys=True),
+                "run_ids": run_ids.gather(positions).to_list(),
                 "metric": metric,
                 "mean": float(member_values.mean()),
                 "std": float(member_values.std(ddof=1)) if len(members) > 1 else 0.0,

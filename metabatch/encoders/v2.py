@@ -217,6 +217,10 @@ class V2Model:
 
     # -- paths
 
+    def list_paths(self) -> set[str]:
+        """The config paths the fit saw holding lists."""
+        return {p for p, m in self.config_paths.items() if m.length is not None}
+
     def config_model(self, path: str) -> PathModel | None:
         """The model of a config path; None for an unseen one (it gives nothing)."""
         return self.config_paths.get(path)
