@@ -81,8 +81,7 @@ def draw_landscape(
         raise BadInput("--max-points must be >= 10")
     strategy_ids = [strategy_id] if isinstance(strategy_id, str) else list(strategy_id or [])
     space = open_space(model_id, snapshot=snapshot, historical_url=historical_url, runtime_url=runtime_url, strategy_ids=strategy_ids, start=start, end=end)
-    x = space.unit(on)
-    held = np.flatnonzero(np.abs(x).sum(axis=1) > 0)
+    held = np.flatnonzero(space.held(on))
     if not len(held):
         raise BadInput(f"no run has features in the {on} slice")
     frame = space.runs.select("run_id", "strategy_id", "universe_id").with_row_index("position")[held]
@@ -93,7 +92,7 @@ def draw_landscape(
         sampled_by = color_title if kind == "nominal" else "strategy"
         frame = _stratified(frame, stratum, max_points, seed)
     positions = frame.get_column("position").to_numpy()
-    points = x[positions].astype(np.float64)
+    points = space.unit_rows(on, positions)
     fit_rows = points if len(points) <= PCA_SAMPLE else points[np.random.default_rng(seed).choice(len(points), PCA_SAMPLE, replace=False)]
     pca = PCA(n_components=2, random_state=seed).fit(fit_rows)
     xy = pca.transform(points)

@@ -75,14 +75,12 @@ class Space:
     def unit(self, branch: str) -> np.ndarray:
         """The branch's slice of every run, each row L2-normalised (zero rows stay
         zero), contiguous float32; ``joint`` for the whole vector. Cached."""
-        if branch not in (*self.slices, "joint"):
-            raise BadInput(f"unknown branch `{branch}`: use joint, config, env or outcome")
+        start, stop = self._window(branch)
         with self._lock:
             if branch == "env" and self.env_unit is not None and branch not in self._units:
                 identity = len(self.rows) == len(self.env_unit) and bool((self.rows == np.arange(len(self.rows))).all())
                 self._units[branch] = self.env_unit if identity else np.asarray(self.env_unit[self.rows])
             if branch not in self._units:
-                start, stop = (0, DIM) if branch == "joint" else self.slices[branch]
                 out = np.empty((len(self.rows), stop - start), np.float32)
                 for at in range(0, len(self.rows), 65_536):  # bounded temporaries
                     block = np.asarray(self.matrix[self.rows[at : at + 65_536], start:stop], np.float32)
@@ -90,6 +88,32 @@ class Space:
                     out[at : at + len(block)] = block / np.where(norms > 0, norms, 1.0)[:, None]
                 self._units[branch] = out
             return self._units[branch]
+
+    def held(self, branch: str) -> np.ndarray:
+        """Per run, whether it has features in the branch (a non-zero slice), without
+        keeping the slices. Cached."""
+        key = ("held", branch)
+        with self._lock:
+            if key not in self._units:
+                start, stop = self._window(branch)
+                out = np.empty(len(self.rows), bool)
+                for at in range(0, len(self.rows), 65_536):
+                    block = np.asarray(self.matrix[self.rows[at : at + 65_536], start:stop])
+                    out[at : at + len(block)] = np.abs(block).max(axis=1, initial=0) > 0
+                self._units[key] = out
+            return self._units[key]
+
+    def unit_rows(self, branch: str, positions: np.ndarray) -> np.ndarray:
+        """The branch's slices of the runs at ``positions``, L2-normalised (float64)."""
+        start, stop = self._window(branch)
+        block = np.asarray(self.matrix[self.rows[positions], start:stop], np.float64)
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block))
+        return block / np.where(norms > 0, norms, 1.0)[:, None]
+
+    def _window(self, branch: str) -> tuple[int, int]:
+        if branch not in (*self.slices, "joint"):
+            raise BadInput(f"unknown branch `{branch}`: use joint, config, env or outcome")
+        return (0, DIM) if branch == "joint" else tuple(self.slices[branch])
 
     def metric(self, name: str) -> np.ndarray:
         """A metric per run as float64, NaN where a run has none."""
