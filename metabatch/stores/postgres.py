@@ -289,19 +289,7 @@ class PostgresStore:
     @_lost_connections
     def read_runs(self, selection: RunSelection, skip: pa.Array | None = None) -> Iterator[pa.RecordBatch]:
         query = self._runs_query(selection, ", ".join(RUN_COLUMNS), skip)
-        cur = self.conn.cursor()
-        cur.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(_RUNS_BATCH_BYTES)})
-        try:
-            cur.execute(query)
-            reader = cur.fetch_record_batch()
-            for batch in reader:
-                yield _plain(batch.select(list(RUN_COLUMNS)))
-        except BaseException:
-            _quietly(cur.close)
-            _quietly(self.conn.rollback)
-            raise
-        cur.close()
-        self.conn.rollback()
+        yield from self._stream(query, RUN_COLUMNS, _RUNS_BATCH_BYTES)
 
     # -- embeddings
 
@@ -382,9 +370,11 @@ class PostgresStore:
         return f"{column} IN (SELECT v FROM {table})"
 
     @_lost_connections
-    def _stream(self, query: str, columns) -> Iterator[pa.RecordBatch]:
+    def _stream(self, query: str, columns, batch_bytes: int | None = None) -> Iterator[pa.RecordBatch]:
+        """The query's non-empty record batches (about ``batch_bytes`` each, by default
+        ``_READ_BATCH_BYTES``), in a transaction rolled back at the end."""
         cur = self.conn.cursor()
-        cur.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(_READ_BATCH_BYTES)})
+        cur.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(batch_bytes or _READ_BATCH_BYTES)})
         try:
             cur.execute(query)
             for batch in cur.fetch_record_batch():
