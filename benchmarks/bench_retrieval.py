@@ -11,13 +11,17 @@ about 1 / (families x environments)).
 Cases (all in one run, same data per case):
 - main: v1 (``joint-meta-config-env-v1``), v2 with no model file, v2 with a
   model file that declares the noise paths as ``ignore``, and the fit's
-  alternatives (``fit.FitOptions``): no weights, presence indicators on every
-  path, outcome groups weighted too; per-branch recall of family / environment;
+  alternatives (``fit.FitOptions``): the outcome branch at its full weight
+  (not shrunk by its fitted reliability), no weights, presence indicators on
+  every path, outcome groups weighted too; per-branch recall of family /
+  environment;
 - held-out families: fitted on 30 of the 40 families, the other 10 backfilled
   afterwards with the same model; recall of their runs;
 - fixed shapes: the case v1 already handles (a config shape per family, a few
   categorical noise fields, the environment only in the metrics);
-- other draws: other seeds, more families or environments.
+- other draws: other seeds, more families or environments (120 x 12: about 14
+  runs per (family, environment), where per-run luck in the outcomes has the
+  most room to pull neighbours across).
 Prints a Markdown table and writes benchmarks/out/retrieval.json.
 
     python benchmarks/bench_retrieval.py [--runs 20000] [--queries 2000]
@@ -135,6 +139,8 @@ def main() -> None:
         variants = [
             ("v2, no model file", "v2-plain", ModelSpec(), FitOptions()),
             ("v2, noise paths ignored", "v2-ignore", parse_model_file(IGNORE_FILE), FitOptions()),
+            ("v2, no file, outcome not shrunk", "v2-unshrunk", ModelSpec(), FitOptions(outcome_reliability=False)),
+            ("v2, ignore file, outcome not shrunk", "v2-ignore-unshrunk", parse_model_file(IGNORE_FILE), FitOptions(outcome_reliability=False)),
             ("v2, no file, no weights", "v2-noweights", ModelSpec(), FitOptions(weigh_config="none")),
             ("v2, no file, presence always", "v2-presence", ModelSpec(), FitOptions(presence="always")),
             ("v2, no file, outcome weighted", "v2-outcomew", ModelSpec(), FitOptions(weigh_outcome=True)),
@@ -150,7 +156,9 @@ def main() -> None:
                     "env": round(recall_at(vectors[:, start:stop], env, q), 3),
                 }
             note = "; ".join(f"{b}: fam {r['family']:.2f} env {r['env']:.2f}" for b, r in per_branch.items())
-            row("main", label, recall_at(vectors, cell, q), note, fit_seconds=round(fit_seconds, 2), backfill_seconds=round(seconds, 2), per_branch=per_branch)
+            reliability = registered(case.url, model_id).v2().reliability.get("outcome", 1.0)
+            note += f"; outcome reliability {reliability:.2f}"
+            row("main", label, recall_at(vectors, cell, q), note, fit_seconds=round(fit_seconds, 2), backfill_seconds=round(seconds, 2), per_branch=per_branch, outcome_reliability=round(reliability, 3))
         model = registered(case.url, "v2-plain").v2()
         weights = {p: model.config_paths[p] for p in ("submitted_by.host", "submitted_by.user", "seed", "initial_capital", "notes", "model.kind", "strategy.signal.type", "portfolio.method")}
         shown = {p: (m.string.weight if m.string else m.number.weight) for p, m in weights.items()}
@@ -184,7 +192,8 @@ def main() -> None:
         row("fixed shapes", "v2, no model file", recall_at(case.vectors("v2-plain", ids), cell, q))
 
         # -- other draws
-        for name, seed, n_families, n_envs in (("seed 5, 80 families", 5, 80, 8), ("seed 7, 12 environments", 7, 40, 12)):
+        draws = (("seed 5, 80 families", 5, 80, 8), ("seed 7, 12 environments", 7, 40, 12), ("seed 9, 120 families x 12 environments", 9, 120, 12))
+        for name, seed, n_families, n_envs in draws:
             runs, labels = campaign_runs(args.runs, seed=seed, n_families=n_families, n_envs=n_envs)
             cell = (labels["family"] * 1000 + labels["env"]).to_numpy()
             ids = labels["run_id"].to_list()
@@ -195,6 +204,8 @@ def main() -> None:
             row(name, "v2, no model file", recall_at(case.vectors("v2-plain", ids), cell, q))
             case.embed("v2-ignore", parse_model_file(IGNORE_FILE))
             row(name, "v2, noise paths ignored", recall_at(case.vectors("v2-ignore", ids), cell, q))
+            case.embed("v2-ignore-unshrunk", parse_model_file(IGNORE_FILE), FitOptions(outcome_reliability=False))
+            row(name, "v2, noise paths ignored, outcome not shrunk", recall_at(case.vectors("v2-ignore-unshrunk", ids), cell, q))
 
     report = {"runs": args.runs, "queries": args.queries, "machine": f"{platform.machine()}, {platform.python_version()}", "results": results}
     (OUT / "retrieval.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -439,6 +439,11 @@ def fit(urls, strategy_ids, start, end, limit, joint_model_id, model_file, refit
             f"fitted {summary.model_id} (v2) on {summary.runs_read:,} runs (sample {summary.sample_runs:,}):"
             f" paths {paths}" + (f", {summary.ignored_paths} ignored" if summary.ignored_paths else "")
         )
+        if "outcome" in summary.reliability:
+            click.echo(
+                f"  outcome reliability {summary.reliability['outcome']:.2f}: the share of the outcome cosine that repeats"
+                " between runs of one kind of config and environment; the outcome weight counts that much in the joint cosine"
+            )
     if summary.refit:
         click.echo(f"  refit: the old parameters were replaced and its {summary.embeddings_deleted:,} embeddings deleted")
     click.echo(f"  hash {summary.content_hash[:16]}, {summary.seconds:.2f}s; next: metabatch backfill --joint-model-id {summary.model_id}")

@@ -30,6 +30,14 @@ the metrics:
   random over the runs, or a commit hash is explained by nothing and weighs
   ~0 (under ``WEIGHT_FLOOR``: 0); a hyperparameter that comes with the rest
   of its family's settings weighs ~1. Env and outcome groups weigh 1.
+- **the outcome branch's reliability**: the intraclass correlation of the
+  sample's outcome slices over (config cluster, env cluster) pairs (one-way
+  ANOVA estimate, finer config clusters: splitting a kind of config leaves it
+  unbiased, merging two lowers it), at least ``RELIABILITY_FLOOR``. It
+  multiplies the outcome weight in the joint vector: two runs of one kind of
+  config in one environment differ in outcome by their luck, and outcomes
+  should count in the joint cosine as much as they repeat. On the campaign
+  runs it is about 0.16.
 """
 
 from __future__ import annotations
@@ -65,6 +73,9 @@ MAX_KNOTS = 16
 # weights under this are taken as 0: mutual information estimated on a sample
 # is not exactly 0 for independent fields, and a path at 0 costs nothing to encode
 WEIGHT_FLOOR = 0.05
+# the outcome branch keeps at least this share of its weight, so that it stays
+# in the vector and can be compared alone (--branch outcome)
+RELIABILITY_FLOOR = 0.05
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,7 @@ class FitOptions:
     rounds: int = 2
     presence: str = "valueless"
     weigh_outcome: bool = False
+    outcome_reliability: bool = True
     sample_runs: int = SAMPLE_RUNS
 _LOG_SPAN = 100.0  # q95 / q05 at or above which positive values are logged
 
@@ -170,7 +182,7 @@ def fit_model(
         sample_runs=n,
         ignored_paths=ignored,
     )
-    if options.weigh_config == "clusters" or options.weigh_outcome:
+    if options.weigh_config == "clusters" or options.weigh_outcome or options.outcome_reliability:
         _fit_weights(model, config_values, metric_values, n, con, options)
     return model
 
@@ -257,13 +269,54 @@ def _fit_weights(model: V2Model, config_values: dict[str, PathValues], metric_va
         if config_labels is None or not groups or options.weigh_config != "clusters":
             break
         _set_weights(model.config_paths, groups, _explained(groups, config_labels, n))
-    if not options.weigh_outcome:
+    if not (options.weigh_outcome or options.outcome_reliability) or config_labels is None:
         return
-    outcome = [g for path, m in model.metric_paths.items() if m.branch == "outcome" for g in _groups(path, m, metric_values[path], n)]
     env_labels = _cluster_labels(model, "env", leaves, n, con)
-    if outcome and config_labels is not None and env_labels is not None:
-        pairs = np.unique(config_labels * (int(env_labels.max()) + 1) + env_labels, return_inverse=True)[1].reshape(-1)
-        _set_weights(model.metric_paths, outcome, _explained(outcome, pairs, n))
+    if options.outcome_reliability:
+        # finer config clusters: splitting a kind of config in two leaves the
+        # intraclass estimate unbiased, merging two kinds lowers it
+        config_labels = _cluster_labels(model, "config", leaves, n, con, per_cluster=1)
+    pairs = config_labels if env_labels is None else config_labels * (int(env_labels.max()) + 1) + env_labels
+    pairs = np.unique(pairs, return_inverse=True)[1].reshape(-1)
+    if options.weigh_outcome:
+        outcome = [g for path, m in model.metric_paths.items() if m.branch == "outcome" for g in _groups(path, m, metric_values[path], n)]
+        if outcome:
+            _set_weights(model.metric_paths, outcome, _explained(outcome, pairs, n))
+    if options.outcome_reliability:
+        reliability = _outcome_reliability(model, leaves, pairs, n)
+        if reliability is not None:
+            model.reliability["outcome"] = reliability
+
+
+def _outcome_reliability(model: V2Model, leaves, pairs: np.ndarray, n: int) -> float | None:
+    """The intraclass correlation of the sample's outcome slices over the (config
+    cluster, env cluster) pairs, at least ``RELIABILITY_FLOOR``; None when there
+    are too few runs with outcomes to tell."""
+    only = V2Model({b: float(b == "outcome") for b in SLICES}, model.config_paths, model.metric_paths, model.patterns)
+    encoded = encode(only, *leaves, n)
+    held = encoded.present["outcome"]
+    if held.sum() < 20:
+        return None
+    start, stop = SLICES["outcome"]
+    icc = _intraclass(encoded.vectors[held, start:stop].astype(np.float64), np.unique(pairs[held], return_inverse=True)[1].reshape(-1))
+    return None if icc is None else float(np.clip(icc, RELIABILITY_FLOOR, 1.0))
+
+
+def _intraclass(x: np.ndarray, groups: np.ndarray) -> float | None:
+    """One-way ANOVA estimate of the share of the rows' variance (summed over the
+    columns) that lies between the groups; None when every row is its own group."""
+    rows, k = len(x), int(groups.max()) + 1
+    if k < 2 or k >= rows:
+        return None
+    sizes = np.bincount(groups, minlength=k).astype(np.float64)
+    means = np.zeros((k, x.shape[1]))
+    np.add.at(means, groups, x)
+    means /= sizes[:, None]
+    between = float((sizes * ((means - x.mean(axis=0)) ** 2).sum(axis=1)).sum()) / (k - 1)
+    within = float(((x - means[groups]) ** 2).sum()) / (rows - k)
+    n0 = (rows - float((sizes**2).sum()) / rows) / (k - 1)
+    denominator = between + (n0 - 1) * within
+    return (between - within) / denominator if denominator > 0 else None
 
 
 def _zero_constant_groups(model: V2Model, groups: list[_Group]) -> None:
@@ -379,16 +432,17 @@ def _as_leaves(values: dict[str, PathValues]) -> PathLeaves:
     return leaves
 
 
-def _cluster_labels(model: V2Model, branch: str, leaves, n: int, con) -> np.ndarray | None:
+def _cluster_labels(model: V2Model, branch: str, leaves, n: int, con, per_cluster: int = 4) -> np.ndarray | None:
     """k-means labels of the sample's slices of one branch, with the weights so far
-    (runs without features in the branch: a cluster of their own)."""
+    (runs without features in the branch: a cluster of their own); about
+    sqrt(runs / per_cluster) clusters."""
     only = V2Model({b: float(b == branch) for b in SLICES}, model.config_paths, model.metric_paths, model.patterns)
     encoded = encode(only, *leaves, n)
     start, stop = SLICES[branch]
     held = encoded.present[branch]
     if held.sum() < 20:
         return None
-    k = int(np.clip(round(math.sqrt(held.sum() / 4)), 4, 64))
+    k = int(np.clip(round(math.sqrt(held.sum() / per_cluster)), 4, 64 * 4 // per_cluster))
     labels = np.full(n, k, np.int64)
     labels[held] = kmeans(k, 0, int(held.sum())).fit_predict(encoded.vectors[held, start:stop].astype(np.float64))
     return np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int64)

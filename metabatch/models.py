@@ -120,6 +120,7 @@ class FitSummary:
     sample_runs: int = 0
     paths: dict[str, int] = field(default_factory=dict)  # branch -> paths with a weight
     ignored_paths: int = 0
+    reliability: dict[str, float] = field(default_factory=dict)  # branch -> fitted reliability (v2: outcome)
     embeddings_deleted: int = 0
     refit: bool = False
     content_hash: str = ""
@@ -129,6 +130,7 @@ class FitSummary:
         return {
             "model_id": self.model_id, "encoder": self.encoder, "runs_read": self.runs_read,
             "sample_runs": self.sample_runs, "paths": self.paths, "ignored_paths": self.ignored_paths,
+            "reliability": {b: round(r, 4) for b, r in self.reliability.items()},
             "embeddings_deleted": self.embeddings_deleted, "refit": self.refit,
             "content_hash": self.content_hash, "seconds": round(self.seconds, 3),
         }
@@ -193,6 +195,7 @@ def fit(
             model = fit_model(sample.table(), spec, sample.runs, options=options)
             params = model.params()
             summary.runs_read, summary.sample_runs, summary.ignored_paths = sample.runs, model.sample_runs, model.ignored_paths
+            summary.reliability = dict(model.reliability)
             summary.paths = {b: sum(1 for m in {**model.config_paths, **model.metric_paths}.values() if m.branch == b) for b in BRANCHES}
         model_file = spec.text or default_model_file(spec)
         row = {

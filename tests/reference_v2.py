@@ -199,15 +199,17 @@ def encode_run(params: dict, config, metrics) -> tuple[bytes | None, str]:
             branch = "env" if _matches(key, params["patterns"]["env_metrics"]) else "outcome"
             model = {"branch": branch, "present": 1.0, "number": {"weight": 1.0, "log": False, "floor": 0.0, "center": 0.0, "scale": 1.0, "knots": [], "signed_log": True}}
         _add(cells, model, key, values, weights, slices)
-    total = sum(w for w in weights.values() if w > 0)
+    # a branch's share of the joint cosine: its weight times its fitted reliability
+    shares = {b: w * params.get("reliability", {}).get(b, 1.0) for b, w in weights.items()}
+    total = sum(w for w in shares.values() if w > 0)
     vector = [0.0] * DIM
     taken = []
     for branch in BRANCHES:
         start, stop = slices[branch]
         norm = math.sqrt(sum(c * c for c in cells[start:stop]))
-        if norm > 0 and weights[branch] > 0:
+        if norm > 0 and shares[branch] > 0:
             taken.append(branch)
-            scale = math.sqrt(weights[branch] / total) / norm
+            scale = math.sqrt(shares[branch] / total) / norm
             for i in range(start, stop):
                 vector[i] = cells[i] * scale
     if not taken:

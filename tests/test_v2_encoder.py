@@ -191,11 +191,13 @@ def test_slices_make_the_joint_cosine_the_weighted_mean_of_branch_cosines():
     vectors = np.array([np.frombuffer(v, "<f4") for v, s in got.values() if s == "config+env+outcome"], np.float64)
     a, b = vectors[0], vectors[1:]
     joint = b @ a / (np.linalg.norm(b, axis=1) * np.linalg.norm(a))
+    shares = model.branch_weights()  # the file's weights, outcome's times its fitted reliability
+    assert shares["config"] == 2.0 and shares["env"] == 1.0 and 0 < shares["outcome"] < 0.5
     mean = 0
-    for branch, weight in (("config", 2.0), ("env", 1.0), ("outcome", 0.5)):
+    for branch in ("config", "env", "outcome"):
         start, stop = SLICES[branch]
-        mean = mean + weight * (b[:, start:stop] @ a[start:stop]) / (np.linalg.norm(b[:, start:stop], axis=1) * np.linalg.norm(a[start:stop]))
-    np.testing.assert_allclose(joint, mean / 3.5, atol=1e-6)
+        mean = mean + shares[branch] * (b[:, start:stop] @ a[start:stop]) / (np.linalg.norm(b[:, start:stop], axis=1) * np.linalg.norm(a[start:stop]))
+    np.testing.assert_allclose(joint, mean / sum(shares.values()), atol=1e-6)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
 
 
@@ -245,3 +247,33 @@ def test_fit_options_without_weights_give_every_group_one():
     runs, _ = campaign_runs(300, seed=3)
     model = fit_model(runs, ModelSpec(), options=FitOptions(weigh_config="none"))
     assert model.config_paths["seed"].number.weight == 1.0
+
+
+def _with_outcomes(runs: pa.Table, labels, repeatable: bool) -> pa.Table:
+    """The runs with their outcome metrics replaced: set by the run's (family,
+    environment) alone, or drawn at random per run; env descriptors kept."""
+    rng = np.random.default_rng(0)
+    cell_value = rng.normal(size=(64, 64, 3))
+    out = []
+    for metrics, family, env in zip(runs.column("metrics_json").to_pylist(), labels["family"].to_list(), labels["env"].to_list()):
+        kept = {k: v for k, v in json.loads(metrics).items() if k.startswith(("regime_", "stab_", "fragility_")) or "coverage" in k}
+        values = cell_value[family, env] if repeatable else rng.normal(size=3)
+        out.append(json.dumps({**kept, "annualised_sharpe": values[0], "max_drawdown": -abs(values[1]), "turnover": 5 + values[2]}))
+    return runs.set_column(runs.schema.get_field_index("metrics_json"), "metrics_json", pa.array(out, pa.string()))
+
+
+def test_outcomes_weigh_in_the_joint_space_as_much_as_they_repeat():
+    """Outcomes set by the kind of config and environment keep most of their
+    weight; outcomes that are per-run luck keep little, so they cannot decide
+    which runs are neighbours (the outcome slice is still there to compare alone)."""
+    runs, labels = campaign_runs(3000, seed=4)
+    repeatable = fit_model(_with_outcomes(runs, labels, True), ModelSpec())
+    luck = fit_model(_with_outcomes(runs, labels, False), ModelSpec())
+    assert repeatable.reliability["outcome"] > 0.8
+    assert luck.reliability["outcome"] < 0.15
+    assert luck.branch_weights()["outcome"] == luck.reliability["outcome"] * 1.0
+    noisy = _with_outcomes(runs, labels, False)
+    got, _ = _embed(luck, noisy)
+    assert all(source == "config+env+outcome" for _, source in got.values())
+    plain = fit_model(noisy, ModelSpec(), options=FitOptions(outcome_reliability=False))
+    assert "outcome" not in plain.reliability

@@ -26,10 +26,15 @@ the (n, 384) float32 vectors and which branches each run has.
   the run (``fit``); config paths matched by ``ignore`` give nothing.
 - **Branch slices** (seed 001 §3, option 1: concatenation, then a linear
   projection back to R^384): each branch is L2-normalised into its own fixed
-  slice of the 384 dimensions (``SLICES``), scaled by sqrt(weight / sum of
-  weights), so that with every branch present the joint cosine is the weighted
-  mean of the branch cosines and a slice can be compared alone. A branch with
-  no feature (or weight 0) leaves its slice zero.
+  slice of the 384 dimensions (``SLICES``), scaled by sqrt(share / sum of
+  shares), so that with every branch present the joint cosine is the weighted
+  mean of the branch cosines and a slice can be compared alone. A branch's
+  share is its weight (the model file's) times its fitted reliability
+  (``V2Model.branch_weights``): for the outcome branch, how much of its cosine
+  repeats between runs of one kind of config in one kind of environment, so
+  that per-run luck in the outcomes cannot decide who the neighbours are
+  (config and env: 1). A branch with no feature (or weight 0) leaves its
+  slice zero.
 - **Paths never seen in the fit**: a config path the fit did not see gives
   nothing (its weight is unknown: refit to learn it) and is counted in the
   summary; an unseen env or outcome path is encoded with default statistics
@@ -155,6 +160,9 @@ class V2Model:
     sample_runs: int = 0
     ignored_paths: int = 0  # config paths of the sample that ``ignore`` matched
     slices: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(SLICES))
+    # per branch, the share of its cosine that repeats between runs of one kind
+    # of config in one kind of environment (fitted for outcome; 1 when absent)
+    reliability: dict[str, float] = field(default_factory=dict)
     _slots: dict[str, tuple[int, float]] = field(default_factory=dict, repr=False)
     _defaults: dict[str, PathModel] = field(default_factory=dict, repr=False)  # metric keys never fitted
 
@@ -183,6 +191,7 @@ class V2Model:
             "dim": DIM,
             "slices": {b: list(v) for b, v in self.slices.items()},
             "weights": dict(self.weights),
+            "reliability": dict(self.reliability),
             "patterns": self.patterns,
             "fitted_runs": self.fitted_runs,
             "sample_runs": self.sample_runs,
@@ -213,7 +222,13 @@ class V2Model:
             sample_runs=int(params["sample_runs"]),
             ignored_paths=int(params.get("ignored_paths", 0)),
             slices={b: (int(v[0]), int(v[1])) for b, v in params["slices"].items()},
+            reliability={b: float(r) for b, r in params.get("reliability", {}).items()},
         )
+
+    def branch_weights(self) -> dict[str, float]:
+        """Each branch's share of the joint cosine: its weight (the model file's)
+        times its fitted reliability."""
+        return {b: w * self.reliability.get(b, 1.0) for b, w in self.weights.items()}
 
     # -- paths
 
@@ -374,7 +389,7 @@ def encode(
 
 def _path_features(features: _Features, slicer: _Slicer, path: str, m: PathModel, values: PathValues, n: int) -> None:
     branch = m.branch
-    if branch not in SLICES or slicer.model.weights.get(branch, 0.0) <= 0:
+    if branch not in SLICES or slicer.model.weights.get(branch, 0.0) <= 0:  # reliability is never 0
         return
     if m.present > 0:
         (slot,), (sign,) = slicer.slots(branch, [f"{path}#present"])
@@ -448,14 +463,15 @@ def _vectors(model: V2Model, features: _Features, n: int, unseen: set[str], scra
         values = np.clip(np.concatenate(features.values), -_MAX_VALUE, _MAX_VALUE)
         np.add.at(acc, flat, np.round(values * _GRID) / _GRID)  # exact sums: the order does not matter
     acc = acc.reshape(n, DIM)
-    total = sum(w for w in model.weights.values() if w > 0)
+    weights = model.branch_weights()
+    total = sum(w for w in weights.values() if w > 0)
     out = np.zeros((n, DIM), np.float32)
     present = {}
     for branch in BRANCHES:
         start, stop = model.slices[branch]
         block = acc[:, start:stop]
         norm = np.sqrt(np.einsum("ij,ij->i", block, block))  # a sum of exact squares of grid values: exact
-        weight = model.weights.get(branch, 0.0)
+        weight = weights.get(branch, 0.0)
         has = (norm > 0) & (weight > 0)
         present[branch] = has
         if has.any():
