@@ -107,6 +107,13 @@ def recall_at(vectors: np.ndarray, labels: np.ndarray, queries: np.ndarray, k: i
     return hits / (len(queries) * k)
 
 
+def ceiling(labels: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+    """The best recall@k can be: a query whose label holds fewer than k other runs
+    cannot have k neighbours with it."""
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    return float(np.minimum(counts[inverse[queries]] - 1, k).mean() / k)
+
+
 def queries_of(n: int, count: int, mask: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
     pool = np.arange(n) if mask is None else np.flatnonzero(mask)
     return np.random.default_rng(seed).choice(pool, size=min(count, len(pool)), replace=False)
@@ -135,7 +142,7 @@ def main() -> None:
         q = queries_of(len(ids), args.queries)
         chance = float(np.mean([(cell == cell[i]).sum() - 1 for i in q]) / (len(ids) - 1))
         _, seconds = case.embed("joint-meta-config-env-v1")
-        row("main", "v1", recall_at(case.vectors("joint-meta-config-env-v1", ids), cell, q), f"(chance {chance:.4f})", backfill_seconds=round(seconds, 2))
+        row("main", "v1", recall_at(case.vectors("joint-meta-config-env-v1", ids), cell, q), f"(chance {chance:.4f}, ceiling {ceiling(cell, q):.3f})", backfill_seconds=round(seconds, 2))
         variants = [
             ("v2, no model file", "v2-plain", ModelSpec(), FitOptions()),
             ("v2, noise paths ignored", "v2-ignore", parse_model_file(IGNORE_FILE), FitOptions()),
@@ -199,7 +206,7 @@ def main() -> None:
             ids = labels["run_id"].to_list()
             case = Case(folder, f"draw{seed}", runs)
             case.embed("joint-meta-config-env-v1")
-            row(name, "v1", recall_at(case.vectors("joint-meta-config-env-v1", ids), cell, q))
+            row(name, "v1", recall_at(case.vectors("joint-meta-config-env-v1", ids), cell, q), f"(ceiling {ceiling(cell, q):.3f})")
             case.embed("v2-plain", ModelSpec())
             row(name, "v2, no model file", recall_at(case.vectors("v2-plain", ids), cell, q))
             case.embed("v2-ignore", parse_model_file(IGNORE_FILE))

@@ -89,6 +89,8 @@ class FitOptions:
     is there, and a second, shared feature pulls families of one template
     together) or "always". ``weigh_outcome``: outcome groups weigh what the
     (config cluster, env cluster) pairs explain of them, instead of 1.
+    ``outcome_reliability``: the outcome branch's share of the joint cosine is
+    its weight times its fitted reliability (False: its weight alone).
     """
 
     weigh_config: str = "clusters"
@@ -255,7 +257,8 @@ class _Group:
 
 def _fit_weights(model: V2Model, config_values: dict[str, PathValues], metric_values: dict[str, PathValues], n: int, con, options: FitOptions) -> None:
     """Weights of the config groups (explained by the config's clusters), then of
-    the outcome groups (explained by the (config cluster, env cluster) pairs)."""
+    the outcome groups (explained by the (config cluster, env cluster) pairs),
+    then the outcome branch's reliability over those pairs."""
     if n < 20:
         return
     leaves = _as_leaves(config_values), _as_leaves(metric_values)
