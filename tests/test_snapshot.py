@@ -364,3 +364,52 @@ def test_export_from_a_duckdb_file(tmp_path):
         assert np.asarray(vector, dtype="<f4").tobytes() == want[joint_id]
     assert summary.runs == len(want)
     assert read_manifest(out)["sources"]["historical"] == f"duckdb://{tmp_path}/runs.duckdb"
+
+
+def test_runs_waiting_for_the_embeddings_are_bounded(tmp_path, monkeypatch):
+    """While the embeddings are exported, at most PREPARED_RUN_CHUNKS chunks of
+    runs wait in memory: past that the runs' stream waits (peak memory does not
+    grow with the number of runs); the snapshot is complete all the same."""
+    import metabatch.snapshot.export as export_module
+    import metabatch.snapshot.runs as runs_module
+    import metabatch.stores.postgres as postgres
+    from metabatch.snapshot.embeddings import EmbeddingWriter
+    from metabatch.snapshot.runs import RunWriter
+
+    monkeypatch.setattr(runs_module, "RUNS_CHUNK_ROWS", 64)
+    monkeypatch.setattr(postgres, "_READ_BATCH_BYTES", 16 * 1024)  # record batches of a few dozen rows
+    url = make_database("mbsnapbound")
+    try:
+        parsed = parse_url(url)
+        migrate(parsed)
+        seed_runs(parsed, 600, 5)
+        backfill(parsed)
+        events = []
+        add, prepare, write = EmbeddingWriter.add, RunWriter._prepare, RunWriter.write
+
+        def slow_add(self, batch):
+            time.sleep(0.02)  # the embeddings take longer than the runs
+            return add(self, batch)
+
+        def counted_prepare(self, con, runs):
+            events.append("prepared")
+            return prepare(self, con, runs)
+
+        def counted_write(self, table, run_ids):
+            events.append("written")
+            return write(self, table, run_ids)
+
+        monkeypatch.setattr(EmbeddingWriter, "add", slow_add)
+        monkeypatch.setattr(RunWriter, "_prepare", counted_prepare)
+        monkeypatch.setattr(RunWriter, "write", counted_write)
+        summary = export_parquet(tmp_path / "snap", url)
+        embedded = {r["run_id"] for r in embeddings(url)}
+    finally:
+        drop_database(url)
+    chunks = events.count("prepared")
+    assert chunks >= 600 // 64 // 2
+    ahead = events.index("written")  # chunks prepared before the embeddings were done
+    # the queue, the chunk the thread holds while it waits, and one the first write frees
+    assert ahead <= export_module.PREPARED_RUN_CHUNKS + 2 < chunks
+    runs = pq.read_table(tmp_path / "snap" / "runs", columns=["run_id"]).column("run_id").to_pylist()
+    assert set(runs) == embedded and len(runs) == summary.runs

@@ -5,8 +5,9 @@ Reads and writes overlap, each stage on a thread of its own
 (``pipes.Prefetch``): the embeddings are read from the historical store,
 converted (``EmbeddingWriter``) and written as Parquet (``write_parts``)
 while the runs are read from the runtime store and their metrics extracted
-(``RunWriter.prepared``); the runs are written once the embeddings are done,
-since only runs with an exported embedding go in.
+(``RunWriter.prepared``, at most ``PREPARED_RUN_CHUNKS`` chunks ahead); the
+runs are written once the embeddings are done, since only runs with an
+exported embedding go in.
 
 A lost database connection is retried (``retry``) by starting the export
 again in a new build folder; the snapshot at ``out`` is only replaced once a
@@ -34,6 +35,11 @@ from .manifest import make_manifest, write_manifest
 from .models import ModelWriter
 from .runs import RunWriter
 from .swap import check_out_folder, new_build_folder, remove_leftovers, swap_in
+
+
+# Chunks of prepared runs (``runs.RUNS_CHUNK_ROWS`` runs each) held while the
+# embeddings are exported.
+PREPARED_RUN_CHUNKS = 3
 
 
 @dataclass
@@ -192,8 +198,10 @@ def _write_snapshot(
 
         embedding_batches = stage(emb_store.stream_embeddings(flt), 4)
         run_batches = stage(run_store.stream_run_details(selection), 8)
-        # the runs' chunks are held until the embeddings are done (the database keeps streaming meanwhile)
-        prepared_runs = stage(run_writer.prepared(run_batches), None)
+        # up to PREPARED_RUN_CHUNKS chunks of runs wait for the embeddings to be done
+        # (the database keeps streaming meanwhile); past that, the runs' stream waits:
+        # memory stays bounded however many runs there are
+        prepared_runs = stage(run_writer.prepared(run_batches), PREPARED_RUN_CHUNKS)
         parts = stage(embedding_parts(emb_writer, embedding_batches), 2)
         done = 0
         for rows in stage(write_parts(parts), 1):
