@@ -363,7 +363,8 @@ def _groups(path: str, m: PathModel, values: PathValues, n: int) -> list[_Group]
             continue
         held, mean_t, _ = row_means(_joined(vrows, np.int64), model.transform(_joined(vals, np.float64)), n)
         knots = np.asarray(model.knots)
-        nearest = np.abs(mean_t[:, None] - knots[None, :]).argmin(axis=1)
+        with np.errstate(over="ignore", invalid="ignore"):  # values near the float limit
+            nearest = np.nan_to_num(np.abs(mean_t[:, None] - knots[None, :]), nan=np.inf).argmin(axis=1)
         codes = np.full(n, len(knots), np.int64)
         codes[held] = nearest
         out.append(_group(path, kind, codes))

@@ -277,3 +277,20 @@ def test_outcomes_weigh_in_the_joint_space_as_much_as_they_repeat():
     assert all(source == "config+env+outcome" for _, source in got.values())
     plain = fit_model(noisy, ModelSpec(), options=FitOptions(outcome_reliability=False))
     assert "outcome" not in plain.reliability
+
+
+def test_numbers_near_the_float_limit_fit_and_embed_as_the_reference_does():
+    """Values near +-1.8e308 overflow to +-inf in the z-score and the knots: clipped,
+    silently (the suite turns warnings into errors), and as the reference does."""
+    rng = random.Random(0)
+    extreme = [1.7976931348623157e308, -1.7976931348623157e308, 1e-300, 0.0, 5.0, 1e200, -1e250]
+    pairs = [
+        ({"x": rng.choice(extreme), "y": [rng.choice(extreme), rng.choice(extreme)], "kind": rng.choice("ab")},
+         {"sharpe": rng.choice(extreme), "regime_bull": rng.choice(extreme)})
+        for _ in range(300)
+    ]
+    model = fit_model(_runs(pairs), ModelSpec())
+    got, _ = _embed(model, _runs(pairs))
+    params = json.loads(json.dumps(model.params()))
+    for i, (config, metric) in enumerate(pairs):
+        assert got[f"R{i:05d}"] == encode_run(params, config, metric)

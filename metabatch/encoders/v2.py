@@ -405,7 +405,7 @@ def _path_features(features: _Features, slicer: _Slicer, path: str, m: PathModel
 def _number_features(features, slicer, branch, prefix, m: NumberModel, rows, values, n) -> None:
     t = m.transform(values)
     held, mean_t, counts = row_means(rows, t, n)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):  # values near the float limit: +-inf, clipped
         z = np.clip((mean_t - m.center) / m.scale, -Z_CLIP, Z_CLIP)
     z = np.nan_to_num(z, nan=0.0)  # inf - inf: a run holding both ends of the range
     knots = np.asarray(m.knots, np.float64)
@@ -416,7 +416,7 @@ def _number_features(features, slicer, branch, prefix, m: NumberModel, rows, val
     if len(knots) > 1:
         # soft one-hot: each value between two knots splits its weight between them
         j = np.clip(np.searchsorted(knots, t, side="right") - 1, 0, len(knots) - 2)
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore", over="ignore"):
             frac = np.clip((t - knots[j]) / (knots[j + 1] - knots[j]), 0.0, 1.0)
         frac = np.nan_to_num(frac, nan=0.0)
         share = m.weight * (1.0 - Z_SHARE) / counts[rows]  # a run's values are averaged
