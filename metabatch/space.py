@@ -186,7 +186,8 @@ def open_space(
 
 
 def snapshot_model(folder: Path, manifest: dict, model_id: str) -> RegisteredModel:
-    """The fitted model a snapshot carries for ``model_id`` (BadInput when it is v1 or unknown)."""
+    """The fitted model a snapshot carries for ``model_id`` (BadInput when it is v1;
+    MetabatchError, exit 1 as for `similar`, when the snapshot has no such model)."""
     entry = manifest.get("models", {}).get(model_id)
     if entry is None:
         if model_id in manifest.get("embeddings", {}).get("models", {}):
