@@ -446,7 +446,7 @@ def _cluster_labels(model: V2Model, branch: str, leaves, n: int, con, per_cluste
     held = encoded.present[branch]
     if held.sum() < 20:
         return None
-    k = int(np.clip(round(math.sqrt(held.sum() / per_cluster)), 4, 64 * 4 // per_cluster))
+    k = int(np.clip(round(math.sqrt(held.sum() / per_cluster)), 4, 256 // per_cluster))
     labels = np.full(n, k, np.int64)
     labels[held] = kmeans(k, 0, int(held.sum())).fit_predict(encoded.vectors[held, start:stop].astype(np.float64))
     return np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int64)
