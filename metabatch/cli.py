@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import click
 
@@ -123,9 +124,14 @@ def echo_warnings(call):
     return result
 
 
+def on_terminal() -> bool:
+    """Progress is drawn only for a person watching: stderr is a terminal."""
+    return sys.stderr.isatty()
+
+
 def progress_reporter(quiet: bool, label: str):
     """A callback (done, total) drawing a progress bar on a terminal, else nothing."""
-    if quiet or not sys.stderr.isatty():
+    if quiet or not on_terminal():
         return None, lambda: None
     state = {"bar": None, "done": 0}
 
@@ -139,6 +145,31 @@ def progress_reporter(quiet: bool, label: str):
     def finish():
         if state["bar"] is not None:
             state["bar"].__exit__(None, None, None)
+
+    return report, finish
+
+
+def count_reporter(quiet: bool, label: str, unit: str):
+    """A callback (done) keeping one line 'label: N unit' up to date on a terminal
+    (for work whose total is not known beforehand), else nothing."""
+    if quiet or not on_terminal():
+        return None, lambda: None
+    state = {"shown": 0.0, "done": None}
+
+    def show(done):
+        click.echo(f"\r{label}: {done:,} {unit}", err=True, nl=False)
+
+    def report(done):
+        now = time.monotonic()
+        if now - state["shown"] >= 0.2:  # a few updates a second at most
+            show(done)
+            state["shown"] = now
+        state["done"] = done
+
+    def finish():
+        if state["done"] is not None:
+            show(state["done"])  # the last count, which the throttle may have skipped
+            click.echo("", err=True)
 
     return report, finish
 
@@ -511,8 +542,9 @@ def _selection_text(selection: dict) -> str:
 @click.option("--start", type=DATE, help="Only embeddings with as_of_date >= this date (runs: end_date).")
 @click.option("--end", type=DATE, help="Only embeddings with as_of_date <= this date (runs: end_date).")
 @retries_option("start the export again")
+@click.option("--quiet", is_flag=True, help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def export_parquet(urls, out, model_id, strategy_ids, start, end, retries, as_json):
+def export_parquet(urls, out, model_id, strategy_ids, start, end, retries, quiet, as_json):
     """Write a Parquet snapshot of joint_embeddings and their runs for DuckDB.
 
     DIR gets embeddings/model_id=<id>/*.parquet (the vector as FLOAT[384],
@@ -533,11 +565,15 @@ def export_parquet(urls, out, model_id, strategy_ids, start, end, retries, as_js
 
     if start and end and start > end:
         raise click.UsageError(f"--start {start} is after --end {end}")
-    summary = run_export(
-        out, urls.historical, urls.runtime,
-        model_id=model_id, strategy_id=strategy_ids, start=start, end=end,
-        retries=retries, on_retry=retry_reporter(retries),
-    )
+    report, finish = count_reporter(quiet or as_json, "export", "embeddings written")
+    try:
+        summary = run_export(
+            out, urls.historical, urls.runtime,
+            model_id=model_id, strategy_id=strategy_ids, start=start, end=end,
+            on_progress=report, retries=retries, on_retry=retry_reporter(retries),
+        )
+    finally:
+        finish()
     if as_json:
         click.echo(json.dumps(summary.as_dict()))
         return

@@ -103,3 +103,24 @@ def test_backfill_summary_and_json(pg_url):
 def test_python_dash_m_runs_the_cli():
     out = subprocess.run([sys.executable, "-m", "metabatch", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "metabatch" in out.stdout
+
+
+def test_export_shows_progress_on_a_terminal_and_quiet_silences_it(pg_url, tmp_path, monkeypatch):
+    import metabatch.cli as cli
+    from metabatch.backfill import backfill
+    from metabatch.migrate import migrate
+    from metabatch.stores import open_store
+    from metabatch.urls import parse_url
+
+    migrate(parse_url(pg_url))
+    store = open_store(parse_url(pg_url))
+    store.insert_runs(runs_table())
+    store.close()
+    backfill(parse_url(pg_url))
+    monkeypatch.setattr(cli, "on_terminal", lambda: True)
+    env = {"METABATCH_RUNTIME_URL": pg_url}
+    shown = CliRunner().invoke(main, ["export-parquet", "--out", str(tmp_path / "a")], env=env)
+    assert shown.exit_code == 0, shown.output
+    assert "export: 12 embeddings written" in shown.stderr and "12 embeddings" in shown.stdout
+    quiet = CliRunner().invoke(main, ["export-parquet", "--quiet", "--out", str(tmp_path / "b")], env=env)
+    assert quiet.exit_code == 0 and quiet.stderr == "" and "12 embeddings" in quiet.stdout
