@@ -32,6 +32,7 @@ from typing import Sequence
 
 import numpy as np
 import polars as pl
+import vl_convert  # vl-convert-python: the page's inlined Vega scripts and the PNG (4 ms to import)
 
 from .errors import BadInput
 from .space import Space, open_space
@@ -106,8 +107,6 @@ def draw_landscape(
     chart = _chart(frame, color_title, kind, hover, explained, caption)
     part = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if out.suffix.lower() == ".png":
-        import vl_convert
-
         part.write_bytes(vl_convert.vegalite_to_png(chart.to_dict(), scale=1.0))
     else:
         part.write_text(_page(chart.to_dict(), f"Landscape of {model_id}", caption, frame.height), encoding="utf-8")
@@ -228,8 +227,6 @@ def _chart(frame: pl.DataFrame, color_title: str, kind: str, hover: list[str], e
 
 def _page(spec: dict, title: str, caption: str, points: int) -> str:
     """A self-contained HTML page drawing ``spec`` (scripts inlined)."""
-    import vl_convert
-
     bundle = vl_convert.javascript_bundle().replace("</script", "<\\/script")
     spec_text = json.dumps(spec, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
     return f"""<!DOCTYPE html>
