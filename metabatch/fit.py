@@ -295,13 +295,10 @@ def _outcome_reliability(model: V2Model, leaves, pairs: np.ndarray, n: int) -> f
     """The intraclass correlation of the sample's outcome slices over the (config
     cluster, env cluster) pairs, at least ``RELIABILITY_FLOOR``; None when there
     are too few runs with outcomes to tell."""
-    only = V2Model({b: float(b == "outcome") for b in SLICES}, model.config_paths, model.metric_paths, model.patterns)
-    encoded = encode(only, *leaves, n)
-    held = encoded.present["outcome"]
+    vectors, held = _branch_vectors(model, "outcome", leaves, n)
     if held.sum() < 20:
         return None
-    start, stop = SLICES["outcome"]
-    icc = _intraclass(encoded.vectors[held, start:stop].astype(np.float64), np.unique(pairs[held], return_inverse=True)[1].reshape(-1))
+    icc = _intraclass(vectors, np.unique(pairs[held], return_inverse=True)[1].reshape(-1))
     return None if icc is None else float(np.clip(icc, RELIABILITY_FLOOR, 1.0))
 
 
@@ -440,13 +437,20 @@ def _cluster_labels(model: V2Model, branch: str, leaves, n: int, con, per_cluste
     """k-means labels of the sample's slices of one branch, with the weights so far
     (runs without features in the branch: a cluster of their own); about
     sqrt(runs / per_cluster) clusters."""
-    only = V2Model({b: float(b == branch) for b in SLICES}, model.config_paths, model.metric_paths, model.patterns)
-    encoded = encode(only, *leaves, n)
-    start, stop = SLICES[branch]
-    held = encoded.present[branch]
+    vectors, held = _branch_vectors(model, branch, leaves, n)
     if held.sum() < 20:
         return None
     k = int(np.clip(round(math.sqrt(held.sum() / per_cluster)), 4, 256 // per_cluster))
     labels = np.full(n, k, np.int64)
-    labels[held] = kmeans(k, 0, int(held.sum())).fit_predict(encoded.vectors[held, start:stop].astype(np.float64))
+    labels[held] = kmeans(k, 0, int(held.sum())).fit_predict(vectors)
     return np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def _branch_vectors(model: V2Model, branch: str, leaves, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sample's slices of one branch encoded alone with the weights so far
+    (float64, the runs that have the branch), and which runs have it."""
+    only = V2Model({b: float(b == branch) for b in SLICES}, model.config_paths, model.metric_paths, model.patterns)
+    encoded = encode(only, *leaves, n)
+    start, stop = SLICES[branch]
+    held = encoded.present[branch]
+    return encoded.vectors[held, start:stop].astype(np.float64), held
