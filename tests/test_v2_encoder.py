@@ -267,12 +267,12 @@ def test_outcomes_weigh_in_the_joint_space_as_much_as_they_repeat():
     weight; outcomes that are per-run luck keep little, so they cannot decide
     which runs are neighbours (the outcome slice is still there to compare alone)."""
     runs, labels = campaign_runs(3000, seed=4)
+    noisy = _with_outcomes(runs, labels, False)
     repeatable = fit_model(_with_outcomes(runs, labels, True), ModelSpec())
-    luck = fit_model(_with_outcomes(runs, labels, False), ModelSpec())
+    luck = fit_model(noisy, ModelSpec())
     assert repeatable.reliability["outcome"] > 0.8
     assert luck.reliability["outcome"] < 0.15
     assert luck.branch_weights()["outcome"] == luck.reliability["outcome"] * 1.0
-    noisy = _with_outcomes(runs, labels, False)
     got, _ = _embed(luck, noisy)
     assert all(source == "config+env+outcome" for _, source in got.values())
     plain = fit_model(noisy, ModelSpec(), options=FitOptions(outcome_reliability=False))
