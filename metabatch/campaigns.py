@@ -288,6 +288,19 @@ def _noise(rng: np.random.Generator, end: dt.date) -> dict:
 
 
 def _template_config(rng: np.random.Generator, fam: Family, env: Environment, end: dt.date) -> dict:
+    where = {
+        "market_id": env.market_id,
+        "universe_id": env.universe_id,
+        "assessment": {"assessment_strategy_id": env.assessment, "assessment_horizon_days": env.horizon},
+    }
+    config = {**where, **family_config(rng, fam)}
+    config.update(_noise(rng, end))
+    return _shuffled(rng, config)
+
+
+def family_config(rng: np.random.Generator, fam: Family) -> dict:
+    """What a run of a template family tried: the family's settings, a couple
+    re-tuned per run, optional keys left out at their default."""
     p = fam.params
     risk = {
         "vol_target": round(p["vol_target"] * float(rng.uniform(0.97, 1.03)), 4),  # re-tuned per run
@@ -298,14 +311,7 @@ def _template_config(rng: np.random.Generator, fam: Family, env: Environment, en
     costs = {"model": p["cost_model"], "bps": p["cost_bps"]}
     if p["slippage_bps"] != 2.0 or rng.random() < 0.4:  # left out when at its default
         costs["slippage_bps"] = p["slippage_bps"]
-    config: dict = {
-        "market_id": env.market_id,
-        "universe_id": env.universe_id,
-        "assessment": {"assessment_strategy_id": env.assessment, "assessment_horizon_days": env.horizon},
-        "rebalance": p["rebalance"],
-        "risk": risk,
-        "costs": costs,
-    }
+    config: dict = {"rebalance": p["rebalance"], "risk": risk, "costs": costs}
     if fam.template == 0:
         config["strategy"] = {
             "kind": "xs_momentum",
@@ -336,8 +342,7 @@ def _template_config(rng: np.random.Generator, fam: Family, env: Environment, en
         config["portfolio"] = {"method": p["method"]}
     if rng.random() < 0.5:
         config["debug"] = bool(rng.random() < 0.5)
-    config.update(_noise(rng, end))
-    return _shuffled(rng, config)
+    return config
 
 
 def _fixed_shape_config(rng: np.random.Generator, fam: Family, end: dt.date) -> dict:
