@@ -470,6 +470,10 @@ def fit(urls, strategy_ids, start, end, limit, joint_model_id, model_file, refit
             f"fitted {summary.model_id} (v2) on {summary.runs_read:,} runs (sample {summary.sample_runs:,}):"
             f" paths {paths}" + (f", {summary.ignored_paths} ignored" if summary.ignored_paths else "")
         )
+        for branch, what in (("env", "where it was tried"), ("outcome", "how it went"), ("config", "what was tried")):
+            if summary.branches.get(branch):
+                click.echo(f"  {branch} ({what}): {', '.join(summary.branches[branch])}")
+        click.echo(f"  why each path is where it is: metabatch models --explain {summary.model_id}")
         if "outcome" in summary.reliability:
             click.echo(
                 f"  outcome reliability {summary.reliability['outcome']:.2f}: the share of the outcome cosine that repeats"
@@ -483,22 +487,38 @@ def fit(urls, strategy_ids, start, end, limit, joint_model_id, model_file, refit
 @main.command()
 @database_options
 @format_option(default="table", choices=("table", "csv", "json"))
-def models(urls, fmt):
+@click.option("--explain", "explain_id", metavar="ID", help="What the fitted model ID decided for each path, and why (instead of the list).")
+def models(urls, fmt, explain_id):
     """List the models registered in the historical database (joint_models).
 
     For each: its id, encoder, the runs and selection it was fitted on, when,
     and its content hash. A model id not listed embeds as v1.
 
+    With --explain ID: one row per path of the fitted model (config paths,
+    metrics, the run's window): its branch (what was tried: config; where:
+    env; how it went: outcome; none: gives nothing), how the branch was set
+    (declared in the model file, learned from the runs, or v1's names where
+    the runs could not tell), its kind (number, date, string, list,
+    presence), its weight and the figures that decided. The env paths come
+    first: they are what makes two runs "in the same environment". To
+    override a decision, declare the path in the model file's [paths]
+    (config, env, env_metrics, outcome_metrics) and fit again (--refit).
+
     \b
     Example:
       metabatch models
       metabatch models --format json
+      metabatch models --explain my-v2
+      metabatch models --explain my-v2 --format json | jq '.paths[] | select(.branch == "env")'
     """
     import polars as pl
 
     from .models import list_models
     from .query import format_frame
 
+    if explain_id is not None:
+        _explain(urls, explain_id, fmt)
+        return
     rows = list_models(urls.historical)
     frame = pl.DataFrame(
         {
@@ -514,6 +534,32 @@ def models(urls, fmt):
     if not rows and fmt == "table":
         click.echo("no models registered (every model id embeds as v1); fit one with `metabatch fit --joint-model-id ID`")
         return
+    click.echo(format_frame(frame, fmt), nl=False)
+
+
+def _explain(urls, model_id: str, fmt: str) -> None:
+    from .explain import explain_model, explain_unregistered
+    from .models import registered
+    from .query import format_frame
+
+    model = registered(urls.historical, model_id)
+    if model is None:
+        raise explain_unregistered(model_id)
+    frame = explain_model(model)
+    v2 = model.v2()
+    if fmt == "json":
+        rows = frame.to_dicts()
+        for row in rows:
+            row["figures"] = json.loads(row["figures"])
+        header = {"model_id": model.model_id, "format": v2.format, "fitted_runs": model.fitted_runs, "sample_runs": v2.sample_runs,
+                  "reliability": v2.reliability, "weights": v2.weights}
+        click.echo(json.dumps({**header, "paths": rows}))
+        return
+    if fmt == "table":
+        shares = ", ".join(f"{b} {w:.2f}" for b, w in v2.branch_weights().items())
+        click.echo(f"model {model.model_id}: v2 format {v2.format}, fitted on {model.fitted_runs:,} runs (sample {v2.sample_runs:,}); branch shares {shares}")
+        click.echo("two runs are in the same environment when their env paths (first below) hold near values; declare a path in the model file's [paths] to override")
+        frame = frame.drop("figures")
     click.echo(format_frame(frame, fmt), nl=False)
 
 
@@ -835,7 +881,7 @@ def cluster(urls, model_id, snapshot, strategy_ids, start, end, on, k, seed, met
       metabatch cluster --model-id my-v2 --on config --k 40 --out clusters.parquet
       metabatch cluster --snapshot ./snapshot --model-id my-v2 --on joint
     """
-    from .cluster import cluster_runs, snapshot_clusters_path, write_assignments
+    from .cluster import SPLIT_SILHOUETTE, cluster_runs, snapshot_clusters_path, write_assignments
     from .query import format_frame
 
     if start and end and start > end:
@@ -852,13 +898,20 @@ def cluster(urls, model_id, snapshot, strategy_ids, start, end, on, k, seed, met
             path.parent.mkdir(parents=True, exist_ok=True)
         write_assignments(result, path)
     if fmt == "json":
-        click.echo(json.dumps({"k": result.k, "chosen_by": result.chosen_by, "on": on, "out": str(path) if path else None, "clusters": result.summary.to_dicts()}, default=str))
+        click.echo(json.dumps({"k": result.k, "chosen_by": result.chosen_by, "coarse_k": result.coarse_k, "on": on, "out": str(path) if path else None, "clusters": result.summary.to_dicts()}, default=str))
         return
     if fmt == "csv":
         click.echo(format_frame(result.summary, "csv"), nl=False)
         return
     how = "given" if result.chosen_by == "given" else "picked by silhouette: " + ", ".join(f"{c}: {v:.3f}" for c, v in result.silhouettes.items())
-    click.echo(f"{result.k} clusters of {result.assignments.height:,} runs on the {on} slice of {model_id} (k {how})")
+    if result.coarse_k is not None:
+        click.echo(f"{result.coarse_k} coarse clusters of {result.assignments.height:,} runs on the {on} slice of {model_id} (k {how})")
+        for c, scores in result.splits.items():
+            best = max(scores, key=lambda s: (round(scores[s], 3), -s))
+            click.echo(f"  coarse cluster {c} holds {best} environments (silhouette of its own runs {scores[best]:.3f} >= {SPLIT_SILHOUETTE})")
+        click.echo(f"{result.k} environments at the finest level" + ("" if result.splits else " (no coarse cluster splits: one level)"))
+    else:
+        click.echo(f"{result.k} clusters of {result.assignments.height:,} runs on the {on} slice of {model_id} (k {how})")
     if result.metric:
         click.echo(f"mean and std: {result.metric}")
     click.echo(format_frame(result.summary, "table", 3), nl=False)

@@ -2,9 +2,14 @@
 vectors encoded from some keys only.
 
 - ``env_keys(model)``: the keys a user may name (``--env KEY=VALUE``): the
-  config paths of the env branch (``market_id``, ``assessment.assessment_horizon_days``)
-  and the env metrics (``regime_bull_frac``); ``resolve_key`` accepts a
-  path's last part when it names one path only.
+  config paths of the env branch (``market_id``, ``assessment.assessment_horizon_days``),
+  the run's window where the model learnt it is env
+  (``backtest_runs.start_date``, ``.end_date``, ``.window_days``) and the env
+  metrics (``regime_bull_frac``); ``resolve_key`` accepts a path's last part
+  when it names one path only.
+- ``window_values(runs, keys)``: the runs' values of the env window keys, as
+  JSON text (a date as ``"2024-01-05"``), as ``extract_env_values`` gives the
+  config paths'.
 - ``json_paths(model)``: for each config env path, the JSON path that
   extracts its values from a config (``$.sleeves[*].universe_id`` when a part
   of it is a list), so that a snapshot can store every run's env values.
@@ -21,17 +26,39 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+import pyarrow.compute as pc
+
 from .encoders.base import split_top_level
+from .encoders.dates import days_of
 from .encoders.v2 import SLICES, V2Model, encode
 from .errors import BadInput
-from .unnest import collect_config, collect_metrics
+from .unnest import PathLeaves, collect_config, collect_metrics
 
 
 def env_keys(model: V2Model) -> dict[str, str]:
-    """key -> "config" or "metric", for every key of the model's env branch."""
-    keys = {p: "config" for p, m in model.config_paths.items() if m.branch == "env" and (m.number or m.string)}
+    """key -> "config", "window" or "metric", for every key of the model's env branch."""
+    keys = {p: "config" for p, m in model.config_paths.items() if m.branch == "env" and (m.number or m.string or m.date)}
+    keys.update({k: "window" for k, m in model.window_paths.items() if m.branch == "env"})
     keys.update({k: "metric" for k, m in model.metric_paths.items() if m.branch == "env"})
     return dict(sorted(keys.items()))
+
+
+def window_keys(model: V2Model) -> list[str]:
+    """The window keys of the model's env branch."""
+    return [k for k, kind in env_keys(model).items() if kind == "window"]
+
+
+def window_values(runs: pa.Table, keys: list[str]) -> pa.Table:
+    """Per run (start_date, end_date columns), each window key's value as JSON text."""
+    columns = {}
+    for key in keys:
+        if key == "backtest_runs.window_days":
+            start, end = (runs.column(c).cast(pa.date32()).cast(pa.int32()) for c in ("start_date", "end_date"))
+            columns[key] = pc.cast(pc.subtract(end, start), pa.string())
+        else:
+            dates = runs.column(key.split(".", 1)[1]).cast(pa.date32())
+            columns[key] = pc.binary_join_element_wise('"', pc.cast(dates, pa.string()), '"', "")
+    return pa.table(columns) if columns else pa.table({})
 
 
 def resolve_key(model: V2Model, key: str) -> str:
@@ -110,7 +137,7 @@ def _config_of(values: dict, lists: set[str]) -> dict:
 
 def encode_envs(model: V2Model, rows: list[dict], con: duckdb.DuckDBPyConnection | None = None) -> np.ndarray:
     """Env slices (len(rows), width), L2-normalised, of key -> value dicts (config
-    env paths and env metrics), each encoded with only its keys."""
+    env paths, window keys and env metrics), each encoded with only its keys."""
     con = con or duckdb.connect()
     keys = sorted({k for row in rows for k in row})
     kinds = env_keys(model)
@@ -121,16 +148,32 @@ def encode_envs(model: V2Model, rows: list[dict], con: duckdb.DuckDBPyConnection
         {k: model.metric_paths[k] for k in keys if kinds.get(k) == "metric"},
         model.patterns,
         slices=model.slices,
+        format=model.format,
+        window_paths={k: model.window_paths[k] for k in keys if kinds.get(k) == "window"},
     )
     configs = [json.dumps(_config_of({k: v for k, v in row.items() if kinds.get(k) == "config"}, lists)) for row in rows]
     metrics = [json.dumps({k: v for k, v in row.items() if kinds.get(k) == "metric"}) for row in rows]
     config_objects, _ = split_top_level(con, pa.array(configs, pa.string()), "config_json")
     metric_objects, _ = split_top_level(con, pa.array(metrics, pa.string()), "metrics_json")
-    encoded = encode(only, collect_config(con, config_objects), collect_metrics(con, metric_objects), len(rows))
+    window = _window_leaves(con, rows, [k for k in keys if kinds.get(k) == "window"])
+    encoded = encode(only, collect_config(con, config_objects), collect_metrics(con, metric_objects), len(rows), window=window, con=con)
     start, stop = model.slices["env"]
     block = encoded.vectors[:, start:stop].astype(np.float64)
     norms = np.linalg.norm(block, axis=1)
     return (block / np.where(norms > 0, norms, 1.0)[:, None]).astype(np.float32)
 
 
-__all__ = ["env_keys", "resolve_key", "parse_value", "json_paths", "extract_env_values", "encode_envs", "SLICES"]
+def _window_leaves(con: duckdb.DuckDBPyConnection, rows: list[dict], keys: list[str]) -> PathLeaves:
+    """The window keys' values of key -> value dicts as leaves (dates as days)."""
+    leaves = PathLeaves()
+    for key in keys:
+        at = [i for i, row in enumerate(rows) if row.get(key) is not None]
+        texts = [str(rows[i][key]) for i in at]
+        days = np.array([float(t) for t in texts]) if key.endswith("window_days") else days_of(con, pa.array(texts, pa.string()))
+        fine = np.isfinite(days)
+        if fine.any():
+            leaves.add_numbers(key, np.asarray(at, np.int64)[fine], days[fine], False)
+    return leaves
+
+
+__all__ = ["env_keys", "window_keys", "window_values", "resolve_key", "parse_value", "json_paths", "extract_env_values", "encode_envs", "SLICES"]

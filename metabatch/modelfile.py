@@ -7,8 +7,10 @@ an unknown key, a wrong type, a bad glob) is a ``BadInput`` naming the key::
     encoder = "v2"
     [paths]
     ignore = []           # config paths that say nothing about a run
-    env = ["*market_id*", "*universe_id*", "*assessment_strategy_id*", "*assessment_horizon_days*"]
-    env_metrics = ["regime_*", "stab_*", "fragility_*", "*coverage*"]
+    config = []           # paths declared "what was tried" (config paths, or the run's window)
+    env = []              # paths declared "where it was tried" (config paths, or the run's window)
+    env_metrics = []      # metrics_json keys declared to describe the environment
+    outcome_metrics = []  # metrics_json keys declared to be outcomes
     [weights]
     config = 1.0
     env = 1.0
@@ -17,8 +19,13 @@ an unknown key, a wrong type, a bad glob) is a ``BadInput`` naming the key::
 A pattern is an ``fnmatch`` glob on a leaf's dotted path with list indices
 dropped (``engine.weights`` matches ``engine.weights[3]``); a pattern that
 matches an object matches everything under it (``engine`` matches
-``engine.weights``). ``env_metrics`` are matched against the top-level keys
-of ``metrics_json``; metrics not matched are the outcome branch.
+``engine.weights``). ``env_metrics`` and ``outcome_metrics`` are matched
+against the top-level keys of ``metrics_json``; ``config`` and ``env`` also
+against the run's own window (``backtest_runs.start_date``, ``.end_date``,
+``.window_days``). A path declared in the file keeps the branch the file
+gives it; every other path's branch is learnt by ``fit`` from the runs
+(``metabatch.branches``), with v1's names (``PRIOR_ENV``,
+``PRIOR_ENV_METRICS``) as the prior where the runs cannot tell.
 """
 
 from __future__ import annotations
@@ -32,14 +39,16 @@ from pathlib import Path
 
 from .errors import BadInput
 
-DEFAULT_ENV = ("*market_id*", "*universe_id*", "*assessment_strategy_id*", "*assessment_horizon_days*")
-DEFAULT_ENV_METRICS = ("regime_*", "stab_*", "fragility_*", "*coverage*")
+# v1's rule for the env branch: the names a fitted model's branches fall back on
+PRIOR_ENV = ("*market_id*", "*universe_id*", "*assessment_strategy_id*", "*assessment_horizon_days*")
+PRIOR_ENV_METRICS = ("regime_*", "stab_*", "fragility_*", "*coverage*")
 ENCODERS = ("v1", "v2")
 BRANCHES = ("config", "env", "outcome")
+DECLARATIONS = ("ignore", "config", "env", "env_metrics", "outcome_metrics")
 
 _KEYS = {
     "": {"encoder", "paths", "weights"},
-    "paths": {"ignore", "env", "env_metrics"},
+    "paths": set(DECLARATIONS),
     "weights": set(BRANCHES),
 }
 
@@ -50,17 +59,35 @@ class ModelSpec:
 
     encoder: str = "v2"
     ignore: tuple[str, ...] = ()
-    env: tuple[str, ...] = DEFAULT_ENV
-    env_metrics: tuple[str, ...] = DEFAULT_ENV_METRICS
+    env: tuple[str, ...] = ()
+    env_metrics: tuple[str, ...] = ()
     weights: dict = field(default_factory=lambda: {b: 1.0 for b in BRANCHES})
     text: str = ""  # the file as written ("" for the defaults)
+    config: tuple[str, ...] = ()
+    outcome_metrics: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
         return {
             "encoder": self.encoder,
-            "paths": {"ignore": list(self.ignore), "env": list(self.env), "env_metrics": list(self.env_metrics)},
+            "paths": {key: list(getattr(self, key)) for key in DECLARATIONS},
             "weights": dict(self.weights),
         }
+
+    def declared_config_branch(self, path: str) -> str | None:
+        """The branch the file declares for a config path or window key (None: learnt)."""
+        if matches(path, self.env):
+            return "env"
+        if matches(path, self.config):
+            return "config"
+        return None
+
+    def declared_metric_branch(self, key: str) -> str | None:
+        """The branch the file declares for a metrics_json key (None: learnt)."""
+        if matches(key, self.env_metrics):
+            return "env"
+        if matches(key, self.outcome_metrics):
+            return "outcome"
+        return None
 
 
 def parse_model_file(text: str, name: str = "the model file") -> ModelSpec:
@@ -82,10 +109,7 @@ def parse_model_file(text: str, name: str = "the model file") -> ModelSpec:
     if encoder not in ENCODERS:
         raise BadInput(f"{name}: `encoder` must be one of {', '.join(map(repr, ENCODERS))}, not {encoder!r}")
     paths = data.get("paths", {})
-    patterns = {
-        key: _patterns(paths, key, default, name)
-        for key, default in (("ignore", ()), ("env", DEFAULT_ENV), ("env_metrics", DEFAULT_ENV_METRICS))
-    }
+    patterns = {key: _patterns(paths, key, name) for key in DECLARATIONS}
     weights = {}
     for branch in BRANCHES:
         value = data.get("weights", {}).get(branch, 1.0)
@@ -94,7 +118,7 @@ def parse_model_file(text: str, name: str = "the model file") -> ModelSpec:
         weights[branch] = float(value)
     if not any(w > 0 for w in weights.values()):
         raise BadInput(f"{name}: at least one of `weights.config`, `weights.env`, `weights.outcome` must be > 0")
-    return ModelSpec(encoder, patterns["ignore"], patterns["env"], patterns["env_metrics"], weights, text)
+    return ModelSpec(encoder, patterns["ignore"], patterns["env"], patterns["env_metrics"], weights, text, patterns["config"], patterns["outcome_metrics"])
 
 
 def load_model_file(path: str | Path) -> ModelSpec:
@@ -108,8 +132,8 @@ def load_model_file(path: str | Path) -> ModelSpec:
     return parse_model_file(text, f"model file `{path}`")
 
 
-def _patterns(paths: dict, key: str, default: tuple[str, ...], name: str) -> tuple[str, ...]:
-    value = paths.get(key, list(default))
+def _patterns(paths: dict, key: str, name: str) -> tuple[str, ...]:
+    value = paths.get(key, [])
     if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
         raise BadInput(f"{name}: `paths.{key}` must be a list of strings (globs)")
     for pattern in value:

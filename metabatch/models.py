@@ -24,6 +24,7 @@ from .embed import DEFAULT_MODEL_ID, JOINT_TYPE, Weights
 from .encoders.v1 import V1Encoder
 from .encoders.v2 import V2Encoder, V2Model
 from .errors import BadInput, MetabatchError
+from .explain import branch_summary
 from .fit import SAMPLE_RUNS, FitOptions, RunSample, fit_model
 from .modelfile import BRANCHES, ModelSpec, parse_model_file
 from .stores import open_store
@@ -118,7 +119,8 @@ class FitSummary:
     encoder: str
     runs_read: int = 0
     sample_runs: int = 0
-    paths: dict[str, int] = field(default_factory=dict)  # branch -> paths with a weight
+    paths: dict[str, int] = field(default_factory=dict)  # branch -> paths in it
+    branches: dict[str, list[str]] = field(default_factory=dict)  # branch -> its weightiest paths (explain.branch_summary)
     ignored_paths: int = 0
     reliability: dict[str, float] = field(default_factory=dict)  # branch -> fitted reliability (v2: outcome)
     embeddings_deleted: int = 0
@@ -129,7 +131,7 @@ class FitSummary:
     def as_dict(self) -> dict:
         return {
             "model_id": self.model_id, "encoder": self.encoder, "runs_read": self.runs_read,
-            "sample_runs": self.sample_runs, "paths": self.paths, "ignored_paths": self.ignored_paths,
+            "sample_runs": self.sample_runs, "paths": self.paths, "branches": self.branches, "ignored_paths": self.ignored_paths,
             "reliability": {b: round(r, 4) for b, r in self.reliability.items()},
             "embeddings_deleted": self.embeddings_deleted, "refit": self.refit,
             "content_hash": self.content_hash, "seconds": round(self.seconds, 3),
@@ -196,7 +198,9 @@ def fit(
             params = model.params()
             summary.runs_read, summary.sample_runs, summary.ignored_paths = sample.runs, model.sample_runs, model.ignored_paths
             summary.reliability = dict(model.reliability)
-            summary.paths = {b: sum(1 for m in {**model.config_paths, **model.metric_paths}.values() if m.branch == b) for b in BRANCHES}
+            every = [*model.config_paths.values(), *model.metric_paths.values(), *model.window_paths.values()]
+            summary.paths = {b: sum(1 for m in every if m.branch == b) for b in BRANCHES}
+            summary.branches = branch_summary(model)
         model_file = spec.text or default_model_file(spec)
         row = {
             "model_id": model_id, "encoder": spec.encoder, "model_file": model_file, "params": params,

@@ -183,7 +183,7 @@ def _env_cosines(space: Space, given: dict) -> np.ndarray:
     kinds = env_keys(model)
     columns = {}
     for key in given:
-        if kinds[key] == "config":
+        if kinds[key] in ("config", "window"):
             if key not in space.env_values.columns:
                 raise BadInput(f"this snapshot has no values of the env key `{key}`", "export the snapshot again with this metabatch")
             columns[key] = space.env_values.get_column(key)
@@ -290,8 +290,7 @@ def _weighed_paths(space: Space) -> set[str]:
     """The config paths the model gives a weight (noise and ignored paths have none)."""
     weighed = set()
     for path, m in space.model.v2().config_paths.items():
-        groups = [m.present, *(g.weight for g in (m.number, m.length, m.string) if g is not None)]
-        if m.branch == "config" and max(groups) > 0:
+        if m.branch == "config" and m.weight() > 0:
             weighed.add(path)
     return weighed
 

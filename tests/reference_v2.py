@@ -1,7 +1,8 @@
 """A plain, per-run implementation of the v2 encoding, to check the columnar one against.
 
-``encode_run(params, config, metrics)`` takes a fitted model's parameters (as
-stored in joint_models) and one run's parsed JSON, and returns
+``encode_run(params, config, metrics, start_date, end_date)`` takes a fitted
+model's parameters (as stored in joint_models), one run's parsed JSON and its
+window (``datetime.date`` or None), and returns
 ``(vector bytes, source)``, ``(None, "")`` when no branch is taken, or
 ``(None, reason)`` for a truthy non-object. It walks the JSON with ordinary
 recursion and loops, one feature at a time, following the rules the
@@ -11,6 +12,7 @@ but the parameters.
 
 from __future__ import annotations
 
+import datetime as dt
 import fnmatch
 import hashlib
 import math
@@ -90,6 +92,30 @@ def metric_leaves(metrics: dict) -> dict:
     return out
 
 
+ISO_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2})(\.\d+)?)?)?(Z|([+-])(\d{2})(?::?(\d{2}))?)?")
+EPOCH = dt.date(1970, 1, 1).toordinal()
+
+
+def iso_days(text: str) -> float | None:
+    """Days since 1970-01-01 UTC of an ISO-8601 date or timestamp string (no offset:
+    UTC), None when it is not one."""
+    m = ISO_DATE.fullmatch(text)
+    if not m:
+        return None
+    year, month, day, hour, minute, second, fraction, zone, sign, off_h, off_m = m.groups()
+    try:
+        days = dt.date(int(year), int(month), int(day)).toordinal() - EPOCH
+    except ValueError:
+        return None
+    hour, minute, second = int(hour or 0), int(minute or 0), int(second or 0)
+    if hour > 23 or minute > 59 or second > 59:
+        return None
+    seconds = hour * 3600 + minute * 60 + second + (float(fraction) if fraction else 0.0)
+    if sign:
+        seconds -= (1 if sign == "+" else -1) * (int(off_h) * 3600 + int(off_m or 0) * 60)
+    return days + seconds / 86_400.0
+
+
 def _double(value) -> float:
     """The nearest double; an integer beyond the range is infinite (as DuckDB parses it)."""
     try:
@@ -157,6 +183,14 @@ def _number_features(m: dict, prefix: str, values: list[float]) -> list[tuple[st
 def _path_features(model: dict, path: str, values: dict) -> list[tuple[str, float]]:
     out = []
     present = bool(values["numbers"] or values["strings"] or values["lengths"])
+    date = model.get("date")
+    dates = []
+    if date is not None:  # a date path: its ISO date strings are numbers, the rest strings
+        strings = []
+        for text in values["strings"]:
+            days = iso_days(text)
+            (strings if days is None else dates).append(text if days is None else days)
+        values = {**values, "strings": strings}
     if model["present"] > 0 and present:
         _, sign = _hash(f"{path}#present")
         out.append((f"{path}#present", sign * model["present"]))
@@ -175,10 +209,12 @@ def _path_features(model: dict, path: str, values: dict) -> list[tuple[str, floa
             if factor > 0:
                 _, sign = _hash(f"{path}={value}")
                 out.append((f"{path}={value}", sign * factor / math.sqrt(len(distinct))))
+    if date and date["weight"] > 0 and dates:
+        out += _number_features(date, f"{path}#date", dates)
     return out
 
 
-def encode_run(params: dict, config, metrics) -> tuple[bytes | None, str]:
+def encode_run(params: dict, config, metrics, start_date: dt.date | None = None, end_date: dt.date | None = None) -> tuple[bytes | None, str]:
     cfg, bad = _truthy_object(config, "config_json")
     if bad:
         return None, bad
@@ -196,9 +232,23 @@ def encode_run(params: dict, config, metrics) -> tuple[bytes | None, str]:
     for key, values in metric_leaves(met).items():
         model = params["metric_paths"].get(key)
         if model is None:
-            branch = "env" if _matches(key, params["patterns"]["env_metrics"]) else "outcome"
-            model = {"branch": branch, "present": 1.0, "number": {"weight": 1.0, "log": False, "floor": 0.0, "center": 0.0, "scale": 1.0, "knots": [], "signed_log": True}}
+            patterns = params["patterns"]
+            env = _matches(key, patterns["env_metrics"])
+            if params["format"] >= 2:  # declared, else v1's names
+                env = env or (not _matches(key, patterns["outcome_metrics"]) and _matches(key, patterns["prior_env_metrics"]))
+            model = {"branch": "env" if env else "outcome", "present": 1.0, "number": {"weight": 1.0, "log": False, "floor": 0.0, "center": 0.0, "scale": 1.0, "knots": [], "signed_log": True}}
         _add(cells, model, key, values, weights, slices)
+    window = {}
+    if start_date is not None:
+        window["backtest_runs.start_date"] = float(start_date.toordinal() - EPOCH)
+    if end_date is not None:
+        window["backtest_runs.end_date"] = float(end_date.toordinal() - EPOCH)
+    if start_date is not None and end_date is not None:
+        window["backtest_runs.window_days"] = float(end_date.toordinal() - start_date.toordinal())
+    for key, value in window.items():
+        model = params.get("window_paths", {}).get(key)
+        if model is not None:
+            _add(cells, model, key, {"numbers": [value], "strings": [], "lengths": []}, weights, slices)
     # a branch's share of the joint cosine: its weight times its fitted reliability
     shares = {b: w * params.get("reliability", {}).get(b, 1.0) for b, w in weights.items()}
     total = sum(w for w in shares.values() if w > 0)
@@ -219,7 +269,7 @@ def encode_run(params: dict, config, metrics) -> tuple[bytes | None, str]:
 
 def _add(cells, model, path, values, weights, slices):
     branch = model["branch"]
-    if weights.get(branch, 0.0) <= 0:
+    if branch not in slices or weights.get(branch, 0.0) <= 0:
         return
     start, stop = slices[branch]
     for name, value in _path_features(model, path, values):

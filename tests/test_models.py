@@ -13,7 +13,7 @@ from metabatch.campaigns import campaign_runs
 from metabatch.cli import main
 from metabatch.errors import BadInput
 from metabatch.migrate import migrate
-from metabatch.modelfile import DEFAULT_ENV, ModelSpec, matches, parse_model_file
+from metabatch.modelfile import PRIOR_ENV, ModelSpec, matches, parse_model_file
 from metabatch.models import BUILTIN_V2, list_models, registered
 from metabatch.stores import open_store
 from metabatch.urls import parse_url
@@ -28,9 +28,11 @@ def invoke(*args):
 # model files
 
 
-def test_an_empty_model_file_is_the_defaults():
+def test_an_empty_model_file_is_the_defaults_and_declares_no_branch():
     spec = parse_model_file("")
-    assert spec == ModelSpec(text="") and spec.env == DEFAULT_ENV and spec.weights == {"config": 1.0, "env": 1.0, "outcome": 1.0}
+    assert spec == ModelSpec(text="") and spec.weights == {"config": 1.0, "env": 1.0, "outcome": 1.0}
+    assert spec.env == spec.env_metrics == spec.config == spec.outcome_metrics == ()  # every branch is learnt
+    assert spec.declared_config_branch("market_id") is None and spec.declared_metric_branch("regime_x") is None
 
 
 @pytest.mark.parametrize(
@@ -60,7 +62,7 @@ def test_a_bad_model_file_is_a_usage_error_naming_the_key(text, key):
 def test_a_pattern_matches_a_path_and_everything_under_it():
     assert matches("engine.weights", ("engine",)) and matches("engine.weights", ("*.weights",))
     assert matches("risk.stop.pct", ("risk.stop",)) and not matches("risk_stop", ("risk",))
-    assert matches("sleeves.universe_id", DEFAULT_ENV) and not matches("universe", DEFAULT_ENV)
+    assert matches("sleeves.universe_id", PRIOR_ENV) and not matches("universe", PRIOR_ENV)
 
 
 # --------------------------------------------------------------------------

@@ -179,8 +179,9 @@ def test_campaign_runs_match_the_reference(model):
     runs, _ = campaign_runs(400, seed=9)
     got, _ = _embed(model, runs)
     params = json.loads(json.dumps(model.params()))
-    for run_id, config, metric in zip(runs.column("run_id").to_pylist(), runs.column("config_json").to_pylist(), runs.column("metrics_json").to_pylist()):
-        assert got[run_id] == encode_run(params, json.loads(config), json.loads(metric)), run_id
+    columns = ("run_id", "config_json", "metrics_json", "start_date", "end_date")
+    for run_id, config, metric, start, end in zip(*(runs.column(c).to_pylist() for c in columns)):
+        assert got[run_id] == encode_run(params, json.loads(config), json.loads(metric), start, end), run_id
 
 
 def test_slices_make_the_joint_cosine_the_weighted_mean_of_branch_cosines():

@@ -64,10 +64,16 @@ from ..modelfile import BRANCHES, matches
 from ..unnest import PathLeaves, RootParse, ShapeCache, TextFacts, collect_config, collect_metrics, parse_config, text_facts
 from .base import EmbeddedBatch, embedding_rows, split_top_level
 from ..unnest.paths import _text
+from .dates import days_of
 
 DIM = 384
 SLICES = {"config": (0, 256), "env": (256, 320), "outcome": (320, 384)}
-FORMAT = 1
+# 1: branches from name patterns; 2: branches learnt from the runs, ISO dates
+# as numbers, the run's own window (backtest_runs.start_date, end_date)
+FORMAT = 2
+FORMATS = (1, 2)
+# the run's own window, as env candidates beside the config paths and metrics
+WINDOW_KEYS = ("backtest_runs.start_date", "backtest_runs.end_date", "backtest_runs.window_days")
 Z_CLIP = 4.0
 # within a path: the weight of the z-score beside the knots (which carry most of it)
 Z_SHARE = 0.5
@@ -146,6 +152,26 @@ class PathModel:
     number: NumberModel | None = None
     length: NumberModel | None = None
     string: StringModel | None = None
+    date: NumberModel | None = None  # ISO-8601 strings, as days since 1970 (format 2)
+    how: str = ""  # format 2: how the branch was set: declared, learned, prior
+    figures: dict = field(default_factory=dict)  # format 2: the figures that decided the branch
+
+    def kind(self) -> str:
+        """What the path holds: date, string, number, list or presence (the first that applies)."""
+        if self.date is not None:
+            return "date"
+        if self.string is not None:
+            return "string"
+        if self.number is not None:
+            return "number"
+        if self.length is not None:
+            return "list"
+        return "presence"
+
+    def weight(self) -> float:
+        """The largest weight of the path's feature groups."""
+        groups = [self.present, *(g.weight for g in (self.number, self.length, self.string, self.date) if g is not None)]
+        return max(groups)
 
 
 @dataclass
@@ -163,6 +189,8 @@ class V2Model:
     # per branch, the share of its cosine that repeats between runs of one kind
     # of config in one kind of environment (fitted for outcome; 1 when absent)
     reliability: dict[str, float] = field(default_factory=dict)
+    format: int = FORMAT
+    window_paths: dict[str, PathModel] = field(default_factory=dict)  # format 2: the run's own window
     _slots: dict[str, tuple[int, float]] = field(default_factory=dict, repr=False)
     _defaults: dict[str, PathModel] = field(default_factory=dict, repr=False)  # metric keys never fitted
 
@@ -183,11 +211,19 @@ class V2Model:
             if m.string is not None:
                 s = m.string
                 out["string"] = {"weight": s.weight, "runs": s.runs, "unseen": s.unseen, "norm": s.norm, "df": dict(sorted(s.df.items()))}
+            if self.format >= 2:
+                if m.date is not None:
+                    out["date"] = number(m.date)
+                out["how"] = m.how
+                out["figures"] = dict(m.figures)
             return out
 
+        extra = {}
+        if self.format >= 2:
+            extra["window_paths"] = {p: path(m) for p, m in sorted(self.window_paths.items())}
         return {
             "encoder": "v2",
-            "format": FORMAT,
+            "format": self.format,
             "dim": DIM,
             "slices": {b: list(v) for b, v in self.slices.items()},
             "weights": dict(self.weights),
@@ -198,12 +234,13 @@ class V2Model:
             "ignored_paths": self.ignored_paths,
             "config_paths": {p: path(m) for p, m in sorted(self.config_paths.items())},
             "metric_paths": {p: path(m) for p, m in sorted(self.metric_paths.items())},
+            **extra,
         }
 
     @classmethod
     def from_params(cls, params: dict) -> "V2Model":
-        if params.get("encoder") != "v2" or params.get("format") != FORMAT:
-            raise ValueError(f"not a v2 model of format {FORMAT}")
+        if params.get("encoder") != "v2" or params.get("format") not in FORMATS:
+            raise ValueError(f"not a v2 model of format {' or '.join(map(str, FORMATS))}")
 
         def number(d):
             return None if d is None else NumberModel(d["weight"], d["log"], d["floor"], d["center"], d["scale"], list(d["knots"]), d.get("signed_log", False))
@@ -211,7 +248,8 @@ class V2Model:
         def path(d) -> PathModel:
             s = d.get("string")
             string = None if s is None else StringModel(s["weight"], s["runs"], dict(s["df"]), s["unseen"], s["norm"])
-            return PathModel(d["branch"], d["present"], number(d.get("number")), number(d.get("length")), string)
+            return PathModel(d["branch"], d["present"], number(d.get("number")), number(d.get("length")), string,
+                             number(d.get("date")), d.get("how", ""), dict(d.get("figures", {})))
 
         return cls(
             weights={b: float(w) for b, w in params["weights"].items()},
@@ -223,6 +261,8 @@ class V2Model:
             ignored_paths=int(params.get("ignored_paths", 0)),
             slices={b: (int(v[0]), int(v[1])) for b, v in params["slices"].items()},
             reliability={b: float(r) for b, r in params.get("reliability", {}).items()},
+            format=int(params["format"]),
+            window_paths={p: path(d) for p, d in params.get("window_paths", {}).items()},
         )
 
     def branch_weights(self) -> dict[str, float]:
@@ -244,8 +284,13 @@ class V2Model:
         """The model of a metric key; an unseen one gets defaults in its branch."""
         model = self.metric_paths.get(key) or self._defaults.get(key)
         if model is None:
-            branch = "env" if matches(key, tuple(self.patterns.get("env_metrics", ()))) else "outcome"
-            model = self._defaults[key] = PathModel(branch, present=1.0, number=NumberModel.default())
+            if self.format >= 2:  # declared, else v1's names (the fit never saw it)
+                env = matches(key, tuple(self.patterns.get("env_metrics", ()))) or (
+                    not matches(key, tuple(self.patterns.get("outcome_metrics", ()))) and matches(key, tuple(self.patterns.get("prior_env_metrics", ())))
+                )
+            else:
+                env = matches(key, tuple(self.patterns.get("env_metrics", ())))
+            model = self._defaults[key] = PathModel("env" if env else "outcome", present=1.0, number=NumberModel.default())
         return model
 
     def slot_of(self, names: list[str]) -> list[tuple[int, float]]:
@@ -277,11 +322,13 @@ class PathValues:
     strings: list[pa.Array] = field(default_factory=list)
     list_rows: list[np.ndarray] = field(default_factory=list)
     lengths: list[np.ndarray] = field(default_factory=list)
+    date_rows: list[np.ndarray] = field(default_factory=list)  # strings that are ISO dates, as days
+    dates: list[np.ndarray] = field(default_factory=list)
 
     def rows(self, n: int) -> np.ndarray:
         """The rows (of n) that hold the path, sorted, each once."""
         held = np.zeros(n, bool)
-        for rows in self.number_rows + self.string_rows + self.list_rows:
+        for rows in self.number_rows + self.string_rows + self.list_rows + self.date_rows:
             held[rows] = True
         return np.flatnonzero(held)
 
@@ -301,7 +348,48 @@ def by_path(leaves: PathLeaves) -> dict[str, PathValues]:
         entry = out.setdefault(path, PathValues())
         entry.list_rows.append(rows)
         entry.lengths.append(lengths.astype(np.float64))
+    for path, rows, days in leaves.dates:
+        entry = out.setdefault(path, PathValues())
+        entry.date_rows.append(rows)
+        entry.dates.append(days)
     return out
+
+
+def with_dates(values: PathValues, con: duckdb.DuckDBPyConnection) -> PathValues:
+    """``values`` with its strings that are ISO-8601 dates moved to ``dates`` (days)."""
+    if not values.strings:
+        return values
+    rows = _joined(values.string_rows, np.int64)
+    strings = values.strings[0] if len(values.strings) == 1 else pa.concat_arrays([v.cast(pa.string()) for v in values.strings])
+    days = days_of(con, strings)
+    is_date = np.isfinite(days)
+    if not is_date.any():
+        return values
+    rest = ~is_date
+    out = PathValues(values.number_rows, values.numbers, [], [], values.list_rows, values.lengths, [rows[is_date]], [days[is_date]])
+    if rest.any():
+        out.string_rows, out.strings = [rows[rest]], [strings.filter(pa.array(rest))]
+    return out
+
+
+def window_leaves(runs: pa.Table) -> PathLeaves:
+    """The run's own window as numbers (days since 1970): ``WINDOW_KEYS`` from the
+    runs' start_date and end_date columns (a run without a date has none)."""
+    leaves = PathLeaves()
+    ends = _days(runs, "end_date")
+    starts = _days(runs, "start_date")
+    for key, days in zip(WINDOW_KEYS, (starts, ends, ends - starts)):
+        rows = np.flatnonzero(np.isfinite(days))
+        if len(rows):
+            leaves.add_numbers(key, rows, days[rows], False)
+    return leaves
+
+
+def _days(runs: pa.Table, column: str) -> np.ndarray:
+    if column not in runs.column_names:
+        return np.full(runs.num_rows, np.nan)
+    days = runs.column(column).combine_chunks().cast(pa.date32()).cast(pa.int32()).cast(pa.float64())
+    return np.asarray(pc.fill_null(days, np.nan).to_numpy(), np.float64)
 
 
 def _joined(parts: list[np.ndarray], dtype) -> np.ndarray:
@@ -370,9 +458,13 @@ def encode(
     metrics: PathLeaves,
     n: int,
     scratch: np.ndarray | None = None,
+    window: PathLeaves | None = None,
+    con: duckdb.DuckDBPyConnection | None = None,
 ) -> Encoded:
-    """The vectors of a batch of n runs from its config and metrics leaves.
-    ``scratch``: float64 memory of at least n * 384 to reuse (it is overwritten)."""
+    """The vectors of a batch of n runs from its config and metrics leaves and
+    (format 2) its window (``window_leaves``). ``scratch``: float64 memory of at
+    least n * 384 to reuse (it is overwritten); ``con``: a DuckDB connection
+    for parsing dates (a new one when needed and not given)."""
     features = _Features()
     slicer = _Slicer(model)
     unseen: set[str] = set()
@@ -381,9 +473,16 @@ def encode(
         if path_model is None:
             unseen.add(path)
             continue
+        if path_model.date is not None:
+            con = con or duckdb.connect()
+            values = with_dates(values, con)
         _path_features(features, slicer, path, path_model, values, n)
     for key, values in by_path(metrics).items():
         _path_features(features, slicer, key, model.metric_model(key), values, n)
+    if window is not None and model.window_paths:
+        for key, values in by_path(window).items():
+            if key in model.window_paths:
+                _path_features(features, slicer, key, model.window_paths[key], values, n)
     return _vectors(model, features, n, unseen, scratch)
 
 
@@ -400,6 +499,8 @@ def _path_features(features: _Features, slicer: _Slicer, path: str, m: PathModel
         _number_features(features, slicer, branch, f"{path}#len", m.length, _joined(values.list_rows, np.int64), _joined(values.lengths, np.float64), n)
     if m.string is not None and not m.string.gives_nothing() and values.strings:
         _string_features(features, slicer, branch, path, m.string, values)
+    if m.date is not None and m.date.weight > 0 and values.dates:
+        _number_features(features, slicer, branch, f"{path}#date", m.date, _joined(values.date_rows, np.int64), _joined(values.dates, np.float64), n)
 
 
 def _number_features(features, slicer, branch, prefix, m: NumberModel, rows, values, n) -> None:
@@ -487,7 +588,7 @@ def _vectors(model: V2Model, features: _Features, n: int, unseen: set[str], scra
 @dataclass
 class PreparedV2:
     """A batch with its reader-thread work done: the top-level split, the
-    configs' text facts and first parse, the metrics' leaves."""
+    configs' text facts and first parse, the metrics' leaves, the runs' window."""
 
     runs: pa.Table
     config: pa.Array
@@ -495,6 +596,7 @@ class PreparedV2:
     config_facts: TextFacts
     config_parsed: RootParse | None
     metrics: PathLeaves
+    window: PathLeaves | None = None
 
 
 @dataclass
@@ -511,7 +613,8 @@ class V2Encoder:
         bad = np.where(config_bad != None, config_bad, metrics_bad)  # noqa: E711 (elementwise)
         parsed = parse_config(con, config, cache) if cache is not None else None
         metric_leaves = collect_metrics(con, metrics, cache, text_facts(metrics))
-        return PreparedV2(runs, config, bad, text_facts(config), parsed, metric_leaves)
+        window = window_leaves(runs) if self.model.window_paths else None
+        return PreparedV2(runs, config, bad, text_facts(config), parsed, metric_leaves, window)
 
     def embed(self, prepared, con, cache: ShapeCache | None = None, vectors_out: np.ndarray | None = None) -> EmbeddedBatch:
         t0 = time.perf_counter()
@@ -522,7 +625,7 @@ class V2Encoder:
         t1 = time.perf_counter()
         if self._scratch is None or self._scratch.size < n * DIM:
             self._scratch = np.empty(n * DIM, np.float64)
-        encoded = encode(self.model, config, prepared.metrics, n, self._scratch)
+        encoded = encode(self.model, config, prepared.metrics, n, self._scratch, prepared.window, con)
         self.unseen_config_paths |= encoded.unseen_config_paths
         if vectors_out is not None:
             vectors_out[:n] = encoded.vectors

@@ -2,8 +2,9 @@
 row: encoder, model file, fitted parameters, fitted on, when, hash) for every
 exported model id that is registered, and, for v2 models,
 ``models/model_id=<id>/env.parquet``: every exported run's values of the
-model's config env paths (JSON text; ``environments.json_paths``), so that
-``suggest --env`` compares environments on some keys without reading configs.
+model's config env paths (JSON text; ``environments.json_paths``) and env
+window keys (``environments.window_values``), so that ``suggest --env``
+compares environments on some keys without reading configs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
-from ..environments import extract_env_values, json_paths
+from ..environments import extract_env_values, json_paths, window_keys, window_values
 from ..models import RegisteredModel
 from .embeddings import model_dir_name
 
@@ -29,6 +30,7 @@ class ModelWriter:
         self.paths = {
             model_id: json_paths(model.v2()) for model_id, model in self.models.items() if model.encoder == "v2"
         }
+        self.windows = {model_id: window_keys(self.models[model_id].v2()) for model_id in self.paths}
         self.env_parts: dict[str, list[pa.Table]] = {model_id: [] for model_id in self.paths}
 
     def env_slices(self) -> dict[str, tuple[int, int]]:
@@ -36,11 +38,13 @@ class ModelWriter:
         return {model_id: tuple(self.models[model_id].slices["env"]) for model_id in self.paths}
 
     def add_runs(self, con: duckdb.DuckDBPyConnection, runs: pa.Table) -> None:
-        """Extract the env values of a chunk of runs (run_id, config_json) for every v2 model."""
+        """Extract the env values of a chunk of runs (run_id, config_json, start_date,
+        end_date) for every v2 model."""
         for model_id, paths in self.paths.items():
             values = extract_env_values(con, runs.column("config_json").combine_chunks(), paths)
+            window = window_values(runs, self.windows[model_id])
             self.env_parts[model_id].append(
-                pa.table([runs.column("run_id"), *values.columns], names=["run_id", *values.column_names])
+                pa.table([runs.column("run_id"), *values.columns, *window.columns], names=["run_id", *values.column_names, *window.column_names])
             )
 
     def section(self, exported: dict, run_ids: pa.Array) -> dict:

@@ -321,7 +321,7 @@ class DuckDBStore:
         where, params = self._where(selection, metrics_required=True)
         query = (
             "SELECT run_id, strategy_id, universe_id, end_date,"
-            " CAST(config_json AS VARCHAR) AS config_json, CAST(metrics_json AS VARCHAR) AS metrics_json"
+            " CAST(config_json AS VARCHAR) AS config_json, CAST(metrics_json AS VARCHAR) AS metrics_json, start_date"
             f" FROM backtest_runs{where}"
         )
         if selection.limit is not None:

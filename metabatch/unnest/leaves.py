@@ -78,12 +78,14 @@ class PathLeaves:
     1.0 / 0.0; ``strings``: (path, rows, Arrow string values); ``lists``:
     (path, rows, lengths) for every array value, empty ones included. A path
     may have several chunks (nodes of mixed JSON type), and a row several
-    values in one chunk (the elements of its lists).
+    values in one chunk (the elements of its lists). ``dates``: (path, rows,
+    days since 1970) for strings already read as ISO dates (the fit's sample).
     """
 
     numbers: list[tuple[str, np.ndarray, np.ndarray, bool]] = field(default_factory=list)
     strings: list[tuple[str, np.ndarray, pa.Array]] = field(default_factory=list)
     lists: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
+    dates: list[tuple[str, np.ndarray, np.ndarray]] = field(default_factory=list)
 
     def add_numbers(self, path: str, rows: np.ndarray, values: np.ndarray, boolean: bool) -> None:
         self.numbers.append((path, rows, values, boolean))
@@ -93,6 +95,9 @@ class PathLeaves:
 
     def add_list(self, path: str, rows: np.ndarray, lengths: np.ndarray) -> None:
         self.lists.append((path, rows, lengths))
+
+    def add_dates(self, path: str, rows: np.ndarray, days: np.ndarray) -> None:
+        self.dates.append((path, rows, days))
 
     def only(self, keep: np.ndarray) -> "PathLeaves":
         """A view that passes on only the leaves of the runs where ``keep`` is true."""
@@ -117,6 +122,11 @@ class _KeptLeaves(PathLeaves):
         k = self.keep[rows]
         if k.any():
             self.leaves.add_list(path, rows[k], lengths[k])
+
+    def add_dates(self, path, rows, days):
+        k = self.keep[rows]
+        if k.any():
+            self.leaves.add_dates(path, rows[k], days[k])
 
     def only(self, keep):
         return _KeptLeaves(self.leaves, self.keep & keep)
