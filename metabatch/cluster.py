@@ -12,6 +12,13 @@ how it was chosen.
 - With no ``k``: for k in ``K_CHOICES`` (up to a tenth of the sample), the
   mean silhouette (scikit-learn's ``silhouette_score``) of a k-means on a
   sample of ``SILHOUETTE_SAMPLE`` runs; the k with the highest is used.
+- ``on="env"`` with no ``k``: environments nest (a market, then periods or
+  regimes within it), and the silhouette over all runs picks the coarse
+  level, so each coarse cluster is searched again the same way, on its own
+  runs: where the best silhouette within it reaches ``SPLIT_SILHOUETTE`` (its
+  runs fall into groups well apart), it is split. The clusters are the finest
+  level found; ``coarse`` says which coarse cluster each lies in (the
+  assignments and the summary carry both).
 - The summary: size, the metric's mean and spread, the dominant strategies
   and universes, a representative run (nearest its centroid), and the config
   paths whose values set the cluster apart: over a sample of each cluster's
@@ -43,6 +50,8 @@ FIT_SAMPLE = 200_000
 SILHOUETTE_SAMPLE = 4_000
 K_CHOICES = (2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60)
 CONFIGS_PER_CLUSTER = 200
+# a coarse environment is split when the best silhouette of its own runs reaches this
+SPLIT_SILHOUETTE = 0.4
 
 
 @dataclass
@@ -50,11 +59,13 @@ class Clustering:
     model_id: str
     on: str
     k: int
-    chosen_by: str  # "given" or "silhouette"
-    assignments: pl.DataFrame  # run_id, cluster, distance
+    chosen_by: str  # "given", "silhouette" or "nested silhouette"
+    assignments: pl.DataFrame  # run_id, cluster, distance (and coarse, when nested)
     summary: pl.DataFrame  # cluster, size, metric mean/std, strategies, universes, representative, sets_apart
     silhouettes: dict[int, float] = field(default_factory=dict)
     metric: str | None = None
+    coarse_k: int | None = None  # nested: how many coarse clusters the finest level lies in
+    splits: dict[int, dict[int, float]] = field(default_factory=dict)  # nested: per coarse cluster split, its silhouettes
 
 
 def cluster_runs(
@@ -94,21 +105,64 @@ def cluster_runs(
         k, silhouettes = choose_k(x[held], seed, rng)
         chosen_by = "silhouette"
     progress(f"k-means, k = {k}")
+    labels, distance = _kmeans_labels(x, held, k, seed, rng, len(space))
+    coarse, splits = None, {}
+    if on == "env" and chosen_by == "silhouette":
+        progress("searching each environment for nested ones")
+        coarse = _by_size(labels, k)
+        labels, distance, splits = _split_nested(x, coarse, distance, k, seed, rng)
+        chosen_by = "nested silhouette"
+    k = int(labels.max()) + 1
+    labels = _by_size(labels, k)
+    columns = {"run_id": space.runs.get_column("run_id"), "cluster": pl.Series(labels, dtype=pl.Int64), "distance": pl.Series(distance, dtype=pl.Float64)}
+    if coarse is not None:
+        columns["coarse"] = pl.Series(coarse, dtype=pl.Int64)
+    assignments = pl.DataFrame(columns).filter(pl.col("cluster") >= 0)
+    progress("summarising")
+    summary, metric_name = _summary(space, labels, distance, k, metric)
+    coarse_k = None
+    if coarse is not None:
+        coarse_k = int(coarse.max()) + 1
+        of_cluster = assignments.group_by("cluster").agg(pl.col("coarse").first())
+        summary = summary.join(of_cluster, on="cluster", how="left").select("cluster", "coarse", *[c for c in summary.columns if c != "cluster"])
+    return Clustering(model_id, on, k, chosen_by, assignments, summary, silhouettes, metric_name, coarse_k, splits)
+
+
+def _kmeans_labels(x: np.ndarray, held: np.ndarray, k: int, seed: int, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """k-means (fitted on up to ``FIT_SAMPLE`` of the ``held`` rows) labels and
+    distances to the centroid for every held row (-1 and NaN elsewhere)."""
     fit_rows = held if len(held) <= FIT_SAMPLE else np.sort(rng.choice(held, FIT_SAMPLE, replace=False))
     centroids = kmeans(k, seed, len(fit_rows)).fit(x[fit_rows])
-    labels = np.full(len(space), -1, np.int64)
-    distance = np.full(len(space), np.nan)
+    labels = np.full(n, -1, np.int64)
+    distance = np.full(n, np.nan)
     for at in range(0, len(held), 131_072):  # bounded distance matrices
         rows = held[at : at + 131_072]
         labels[rows] = centroids.predict(x[rows])
         distance[rows] = np.linalg.norm(x[rows] - centroids.cluster_centers_[labels[rows]], axis=1)
-    labels = _by_size(labels, k)
-    assignments = pl.DataFrame(
-        {"run_id": space.runs.get_column("run_id"), "cluster": pl.Series(labels, dtype=pl.Int64), "distance": pl.Series(distance, dtype=pl.Float64)}
-    ).filter(pl.col("cluster") >= 0)
-    progress("summarising")
-    summary, metric_name = _summary(space, labels, distance, k, metric)
-    return Clustering(model_id, on, k, chosen_by, assignments, summary, silhouettes, metric_name)
+    return labels, distance
+
+
+def _split_nested(x, coarse: np.ndarray, distance: np.ndarray, k: int, seed: int, rng) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Each coarse cluster split where its own runs' best silhouette reaches
+    ``SPLIT_SILHOUETTE`` (see the module docstring): the finest labels, their
+    distances, and per split cluster the silhouettes tried."""
+    labels = np.full(len(coarse), -1, np.int64)
+    distance = distance.copy()
+    splits: dict[int, dict[int, float]] = {}
+    next_label = 0
+    for c in range(k):  # a loop over the coarse clusters
+        rows = np.flatnonzero(coarse == c)
+        sub_k, scores = choose_k(x[rows], seed, rng) if len(rows) >= 40 else (1, {})
+        if sub_k < 2 or scores.get(sub_k, 0.0) < SPLIT_SILHOUETTE:
+            labels[rows] = next_label
+            next_label += 1
+            continue
+        splits[c] = scores
+        sub, sub_distance = _kmeans_labels(x, rows, sub_k, seed, rng, len(coarse))
+        labels[rows] = next_label + sub[rows]
+        distance[rows] = sub_distance[rows]
+        next_label += sub_k
+    return labels, distance, splits
 
 
 def choose_k(x: np.ndarray, seed: int, rng: np.random.Generator) -> tuple[int, dict[int, float]]:
