@@ -10,8 +10,9 @@ nested environment (the environment itself where there is no such level).
   keys under the names of v1's rule, the env figures in ``regime_*``,
   ``stab_*``, ``fragility_*``, ``*coverage*`` metrics).
 - ``catalog``: shaped like the reference's own runs (prometheus_v2's
-  ``backtest/catalog.py`` and ``runner.py``): a sleeve per strategy and
-  horizon template (5, 21, 63 days), ``config_json`` holding exactly the
+  ``backtest/catalog.py`` and ``runner.py``): a sleeve per strategy (twelve
+  per market, each trading its one market) and horizon template (5, 21, 63
+  days), ``config_json`` holding exactly the
   sleeve's ids (``universe_id``, ``portfolio_id``, ``assessment_strategy_id``
   derived from strategy and horizon), the strategy's one ``market_id``, the
   horizon, and the window as ISO strings (``start_date``, ``end_date``, rolled
@@ -104,10 +105,12 @@ def _figures(rng: np.random.Generator, names: tuple[str, ...], periods: list[int
 
 
 _CATALOG_MARKETS = ("US_EQ", "EU_EQ", "JP_EQ")
-_CATALOG_STRATEGIES = (
-    ("US_EQ_CORE_LONG_EQ", 0), ("US_EQ_VALUE_LS", 0), ("US_EQ_QUALITY_LONG", 0), ("EU_EQ_CORE_LONG_EQ", 1),
-    ("EU_EQ_MOMENTUM_LS", 1), ("JP_EQ_CORE_LONG_EQ", 2), ("JP_EQ_LOWVOL_LONG", 2), ("JP_EQ_CARRY_LS", 2),
+_CATALOG_STYLES = (
+    "CORE_LONG_EQ", "VALUE_LS", "QUALITY_LONG", "MOMENTUM_LS", "LOWVOL_LONG", "CARRY_LS",
+    "SIZE_TILT", "DIVIDEND_LONG", "REVERSAL_LS", "GROWTH_LONG", "DEFENSIVE_LS", "BREADTH_LS",
 )
+# a strategy per market and style: each strategy trades one market (as the reference's do)
+_CATALOG_STRATEGIES = tuple((f"{market}_{style}", m) for m, market in enumerate(_CATALOG_MARKETS) for style in _CATALOG_STYLES)
 _CATALOG_HORIZONS = (5, 21, 63)
 _CATALOG_FIGURES = (
     "regime_risk_score_mean_over_run", "stab_risk_score_mean_over_run", "lambda_score_coverage_over_run",
