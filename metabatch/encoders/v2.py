@@ -473,7 +473,7 @@ def encode(
         if path_model is None:
             unseen.add(path)
             continue
-        if path_model.date is not None:
+        if path_model.date is not None and _reads_dates(path_model):
             con = con or duckdb.connect()
             values = with_dates(values, con)
         _path_features(features, slicer, path, path_model, values, n)
@@ -484,6 +484,12 @@ def encode(
             if key in model.window_paths:
                 _path_features(features, slicer, key, model.window_paths[key], values, n)
     return _vectors(model, features, n, unseen, scratch)
+
+
+def _reads_dates(m: PathModel) -> bool:
+    """Whether a date path's strings must be read (one that gives nothing either
+    way, a timestamp of no weight, costs nothing)."""
+    return m.date.weight > 0 or (m.string is not None and not m.string.gives_nothing())
 
 
 def _path_features(features: _Features, slicer: _Slicer, path: str, m: PathModel, values: PathValues, n: int) -> None:
