@@ -152,8 +152,9 @@ def test_ids_that_follow_the_config_are_config_and_the_window_is_env(catalog_mod
         assert branch[key] == "outcome", key
     assert model.config_paths["start_date"].kind() == "date"
     assert all(m.how == "learned" for m in model.config_paths.values())
-    figures = model.config_paths["universe_id"].figures
-    assert figures["config_share"] > figures["env_evidence"]  # the why is stored with the model
+    figures = model.config_paths["universe_id"].figures  # the why is stored with the model
+    assert figures["group"] == "string" and figures["env_evidence"] - (figures["config_share"] or 0.0) < 0.2
+    assert model.config_paths["start_date"].figures["env_evidence"] - model.config_paths["start_date"].figures["config_share"] >= 0.2
 
 
 def test_an_env_looking_id_that_follows_the_strategy_is_config():
