@@ -690,13 +690,17 @@ def sql(query, snapshot, fmt):
     (each takes model := '...'; default joint-meta-config-env-v1)
 
     Output: an aligned table on a terminal, CSV when piped; --format to choose.
-    Statements that write files (COPY, EXPORT, ATTACH) are refused.
+    A list, array, struct or map is written as its JSON text (in CSV, one
+    cell; a map's keys as text); a type Polars cannot hold (INTERVAL, UNION,
+    BLOB, ...) as DuckDB's text of it. Statements that write files (COPY,
+    EXPORT, ATTACH) are refused.
 
     \b
     Example:
       metabatch sql --snapshot ./snapshot \\
           "SELECT run_id, cosine, sharpe FROM neighbour_runs('BT_RUN_123', 50) ORDER BY sharpe DESC LIMIT 5"
       echo "SELECT strategy_id, avg(l2_norm) FROM embeddings GROUP BY 1" | metabatch sql --snapshot ./snapshot --format csv
+      metabatch sql --snapshot ./snapshot "SELECT run_id, vector FROM embeddings LIMIT 1" > one.csv
     """
     from .query import format_frame, sql as run_sql
 
