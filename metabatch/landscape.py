@@ -170,6 +170,8 @@ def pca_layout(points: np.ndarray, seed: int) -> tuple[np.ndarray, tuple[float, 
     to ``PCA_SAMPLE`` of them), and the share of the variance each keeps."""
     from sklearn.decomposition import PCA
 
+    if len(points) < 2:  # one run: a point at the origin (PCA has no variance to share)
+        return np.zeros((len(points), 2)), (0.0, 0.0)
     fit_rows = points if len(points) <= PCA_SAMPLE else points[np.random.default_rng(seed).choice(len(points), PCA_SAMPLE, replace=False)]
     pca = PCA(n_components=min(2, *fit_rows.shape), random_state=seed).fit(fit_rows)
     xy = np.zeros((len(points), 2))
