@@ -82,7 +82,8 @@ def run_once(python: str, layout: str, on: str, color: str, args, out: Path) -> 
         "out": str(out), "seed": args.seed, "trust_sample": args.trust_sample, "trust_seed": 1,
     }
     load = os.getloadavg()[0]
-    done = subprocess.run([python, "-c", DRIVER, json.dumps(spec)], capture_output=True, text=True)
+    # -P: the installed metabatch, not one in the current folder.
+    done = subprocess.run([python, "-P", "-c", DRIVER, json.dumps(spec)], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{layout} on {on} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -93,7 +93,7 @@ def test_ends_with_suggestions_clusters_and_a_landscape_page(demo):
     assert result.clusters >= 2 and (result.snapshot / "clusters").is_dir()
     page = result.landscape.read_text()
     assert result.landscape == directory / LANDSCAPE and f'data-points="{RUNS}"' in page
-    assert "config slice · t-SNE" in page and "(t-SNE of the configs) coloured by cluster" in "\n".join(lines)
+    assert "t-SNE: near runs are alike" in page and "(t-SNE of the configs) coloured by cluster" in "\n".join(lines)
 
 
 def test_twice_replaces_only_its_own_files(tmp_path):

@@ -250,14 +250,12 @@ def test_tsne_keeps_each_runs_neighbours_better_than_pca(world, pages, tmp_path,
     assert _trustworthiness(world, tmp_path / "placed.html") >= tsne - 0.01
 
 
-def test_tsne_layout_is_deterministic_for_a_seed(world):
-    from metabatch.landscape import tsne_layout
-    from metabatch.space import open_space
+def test_the_same_seed_draws_the_same_map(world, pages, tmp_path):
+    from metabatch.landscape import draw_landscape
 
-    points = open_space(MODEL, snapshot=world["snapshot"]).unit_rows("config", np.arange(400))
-    laid = np.arange(0, 400, 2)  # half laid out, half placed
-    first, again = (tsne_layout(points, laid, seed=3) for _ in range(2))
-    assert np.isfinite(first).all() and np.array_equal(first, again)
+    again = draw_landscape(MODEL, out=tmp_path / "again.html", color="annualised_sharpe", snapshot=world["snapshot"])
+    first = drawn_points(page_spec(pages["tsne"])).select("run_id", "x", "y").sort("run_id")
+    assert again.layout == "tsne" and again.coordinates.sort("run_id").equals(first)
 
 
 def test_a_metric_with_a_neutral_point_diverges_from_it_else_is_sequential(world, pages, tmp_path):
