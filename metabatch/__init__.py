@@ -12,7 +12,7 @@ Python API (the CLI wraps these):
     models.fit(runtime_url, historical_url, model_id, spec, selection, refit=)   fitted (v2) models
     suggest(model_id, like_run= | env=, snapshot=, metric=, top_k=, ...)      Polars DataFrames
     cluster_runs(model_id, on=, k=, snapshot=, seed=, ...)                   .assignments, .summary
-    draw_landscape(model_id, out=, color=, on=, snapshot=, ...)
+    draw_landscape(model_id, out=, color=, on=, layout=, snapshot=, ...)     .coordinates
 """
 
 __version__ = "0.1.0"

@@ -736,13 +736,17 @@ def sql(query, snapshot, fmt):
     (each takes model := '...'; default joint-meta-config-env-v1)
 
     Output: an aligned table on a terminal, CSV when piped; --format to choose.
-    Statements that write files (COPY, EXPORT, ATTACH) are refused.
+    A list, array, struct or map is written as its JSON text (in CSV, one
+    cell; a map's keys as text); a type Polars cannot hold (INTERVAL, UNION,
+    BLOB, ...) as DuckDB's text of it. Statements that write files (COPY,
+    EXPORT, ATTACH) are refused.
 
     \b
     Example:
       metabatch sql --snapshot ./snapshot \\
           "SELECT run_id, cosine, sharpe FROM neighbour_runs('BT_RUN_123', 50) ORDER BY sharpe DESC LIMIT 5"
       echo "SELECT strategy_id, avg(l2_norm) FROM embeddings GROUP BY 1" | metabatch sql --snapshot ./snapshot --format csv
+      metabatch sql --snapshot ./snapshot "SELECT run_id, vector FROM embeddings LIMIT 1" > one.csv
     """
     from .query import format_frame, sql as run_sql
 
@@ -922,34 +926,45 @@ def cluster(urls, model_id, snapshot, strategy_ids, start, end, on, k, seed, met
 @workflow_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=str), metavar="FILE.html|FILE.png", help="An interactive page (.html, opens offline) or a picture (.png).")
 @click.option("--color", default="annualised_sharpe", show_default=True, metavar="METRIC|cluster|strategy|universe", help="What colours the points.")
-@click.option("--on", "on", type=click.Choice(["joint", "config", "env", "outcome"]), default="joint", show_default=True, help="The slice to lay out (PCA to 2-D).")
+@click.option("--on", "on", type=click.Choice(["joint", "config", "env", "outcome"]), default="joint", show_default=True, help="The slice to lay out.")
+@click.option(
+    "--layout", type=click.Choice(["tsne", "pca"]), default="tsne", show_default=True,
+    help="tsne: keeps each run's neighbours (groups of alike runs stand apart; ~30 s from 10,000 runs up); pca: faster, axes that mean something, groups overlap.",
+)
 @click.option("--clusters", type=click.Path(dir_okay=False, exists=True, path_type=str), metavar="FILE.parquet", help="Clusters for --color cluster [default with --snapshot: the snapshot's clusters on --on].")
 @click.option("--max-points", type=click.IntRange(min=10), default=60_000, show_default=True, help="More runs than this: a stratified sample (said on the page).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the sample and the PCA.")
-def landscape(urls, model_id, snapshot, strategy_ids, start, end, out, color, on, clusters, max_points, seed):
-    """Draw the landscape of the runs: a 2-D PCA of a v2 model's space, coloured.
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the sample and the layout (the same seed, the same map).")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def landscape(urls, model_id, snapshot, strategy_ids, start, end, out, color, on, layout, clusters, max_points, seed, quiet):
+    """Draw the landscape of the runs: a 2-D map of a v2 model's space, coloured.
 
-    Coloured by a metric, by `cluster` (from `metabatch cluster`), by
-    strategy or by universe. An .html page is self-contained (no script from
-    the network): hovering a point names its run, strategy, universe, colour
-    value and the config values that tell runs apart most. A .png is a
-    picture for reports. More runs than --max-points: a stratified sample.
+    The runs of one slice (--on) laid out by t-SNE (default: runs near each
+    other are alike) or PCA, coloured by a metric (a diverging scale centred
+    at 0 for Sharpe-like ratios and returns, else sequential), by `cluster`
+    (from `metabatch cluster`: a colour each, the legend in order, labels at
+    the centres above 20 clusters), by strategy or by universe. An .html
+    page is self-contained (no script from the network): hovering a point
+    names its run, strategy, universe, colour value and the config values
+    that tell runs apart most. A .png is a picture for reports. More runs
+    than --max-points: a stratified sample.
 
     \b
     Example:
       metabatch landscape --model-id my-v2 --color annualised_sharpe --out landscape.html
-      metabatch landscape --snapshot ./snapshot --model-id my-v2 --color cluster --out landscape.png
+      metabatch landscape --snapshot ./snapshot --model-id my-v2 --on config --color cluster --out landscape.png
+      metabatch landscape --snapshot ./snapshot --layout pca --out landscape-pca.html
     """
     from .landscape import draw_landscape
 
     if start and end and start > end:
         raise click.UsageError(f"--start {start} is after --end {end}")
     drawn = draw_landscape(
-        model_id, out=out, color=color, on=on, clusters=clusters, max_points=max_points, seed=seed,
-        strategy_id=list(strategy_ids), start=start, end=end, **_space_source(urls, snapshot),
+        model_id, out=out, color=color, on=on, layout=layout, clusters=clusters, max_points=max_points, seed=seed,
+        strategy_id=list(strategy_ids), start=start, end=end, on_progress=stage_reporter(quiet), **_space_source(urls, snapshot),
     )
     shown = f"{drawn.points:,} runs" + (f" of {drawn.runs:,} (stratified by {drawn.sampled_by})" if drawn.sampled_by else "")
-    click.echo(f"landscape of {model_id} ({drawn.on} slice, coloured by {drawn.color}): {shown} -> {drawn.path}")
+    how = {"tsne": "t-SNE", "pca": "PCA"}[drawn.layout]
+    click.echo(f"landscape of {model_id} ({drawn.on} slice, {how}, coloured by {drawn.color}): {shown} -> {drawn.path}")
 
 
 # --------------------------------------------------------------------------

@@ -200,7 +200,7 @@ def run_demo(
     def do_landscape():
         drawn = draw_landscape(V2, out=directory / LANDSCAPE, color="cluster", on="config", snapshot=result.snapshot)
         result.landscape = drawn.path
-        return f"a map of {drawn.points:,} runs coloured by cluster: open {drawn.path} in a browser", None
+        return f"a map of {drawn.points:,} runs (t-SNE of the configs) coloured by cluster: open {drawn.path} in a browser", None
 
     step(1, "migrate", do_migrate)
     step(2, "seed", do_seed)

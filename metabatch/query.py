@@ -812,9 +812,59 @@ def run_sql(con: duckdb.DuckDBPyConnection, query: str) -> pl.DataFrame:
         relation = con.sql(statements[-1].query)
         if relation is None:
             return pl.DataFrame()
-        return relation.pl()
+        return _as_polars_types(relation).pl()
     except duckdb.Error as exc:
         raise MetabatchError(f"SQL: {str(exc).strip().splitlines()[0]}", "check the query; `metabatch sql --help` lists the views and macros") from None
+
+
+# DuckDB types Polars holds as they are. A value of any other type (INTERVAL, UNION,
+# BLOB, BIT, BIGNUM, UHUGEINT, VARIANT, GEOMETRY, TIME WITH TIME ZONE, ...) comes as
+# DuckDB's text of it: Polars cannot import some (INTERVAL, UNION), overflows UHUGEINT,
+# and cannot write others (BLOB) as JSON. Checked on polars 2.1 / duckdb 2.0.
+_POLARS_TYPE_IDS = frozenset({
+    "boolean", "tinyint", "smallint", "integer", "bigint", "hugeint", "utinyint", "usmallint",
+    "uinteger", "ubigint", "float", "double", "decimal", "varchar", "uuid", "enum", "null",
+    "date", "time", "time_ns", "timestamp", "timestamp_s", "timestamp_ms", "timestamp_ns",
+    "timestamp with time zone",
+})
+
+
+def _polars_type(kind):
+    """``kind`` (a DuckDB type) with every part Polars cannot hold or print made VARCHAR,
+    and a MAP's keys VARCHAR (JSON objects have text keys); None when nothing changes."""
+    import duckdb
+
+    children = dict(kind.children) if kind.id in ("list", "array", "map", "struct") else {}
+    if kind.id in ("list", "array"):
+        child = _polars_type(children["child"])
+        if child is None:
+            return None
+        return duckdb.list_type(child) if kind.id == "list" else duckdb.array_type(child, children["size"])
+    if kind.id == "map":
+        key, value = children["key"], children["value"]
+        new_key = None if key.id == "varchar" else duckdb.sqltype("VARCHAR")
+        new_value = _polars_type(value)
+        if new_key is None and new_value is None:
+            return None
+        return duckdb.map_type(new_key or key, new_value or value)
+    if kind.id == "struct":
+        fields = {name: _polars_type(field) for name, field in kind.children}
+        if all(f is None for f in fields.values()):
+            return None
+        return duckdb.struct_type({name: fields[name] or field for name, field in kind.children})
+    return None if kind.id in _POLARS_TYPE_IDS else duckdb.sqltype("VARCHAR")
+
+
+def _as_polars_types(relation):
+    """``relation`` with the columns Polars cannot hold cast as ``_polars_type`` says."""
+    targets = [_polars_type(kind) for kind in relation.types]
+    if all(t is None for t in targets):
+        return relation
+    columns = [
+        f"#{i}" if target is None else f"CAST(#{i} AS {target})"
+        for i, target in enumerate(targets, start=1)
+    ]
+    return relation.project(", ".join(f'{c} AS "{name.replace(chr(34), chr(34) * 2)}"' for c, name in zip(columns, relation.columns)))
 
 
 def sql(query: str, snapshot: str | os.PathLike | Snapshot) -> pl.DataFrame:
@@ -832,8 +882,11 @@ def sql(query: str, snapshot: str | os.PathLike | Snapshot) -> pl.DataFrame:
 
 
 def format_frame(frame: pl.DataFrame, fmt: str, float_decimals: int | None = 6) -> str:
-    """The frame as CSV (header, empty fields for NULL), an aligned table, or JSON rows."""
+    """The frame as CSV (header, empty fields for NULL; a list, array, struct or map
+    as its JSON text, as ``json`` writes it), an aligned table (the same JSON text, cut
+    short), or JSON rows."""
     if fmt == "csv":
+        frame = frame.with_columns([json_text(frame.get_column(c)) for c, t in frame.schema.items() if t.is_nested()])
         return frame.write_csv(float_precision=float_decimals, date_format="%Y-%m-%d", null_value="")
     if fmt == "json":
         return frame.write_json() + "\n"
@@ -843,6 +896,14 @@ def format_frame(frame: pl.DataFrame, fmt: str, float_decimals: int | None = 6) 
 
 
 _CELL_WIDTH = 60
+
+
+def json_text(series: pl.Series) -> pl.Series:
+    """A nested column's values as JSON text, NULL kept (Polars writes JSON only for
+    structs: each value is wrapped in one, ``{"v":...}``, and unwrapped)."""
+    wrapped = pl.struct(pl.col("v")).struct.json_encode().str.strip_prefix('{"v":').str.strip_suffix("}")
+    text = pl.DataFrame({"v": series}).select(pl.when(pl.col("v").is_not_null()).then(wrapped)).to_series()
+    return text.alias(series.name)
 
 
 def _fixed(series: pl.Series, decimals: int) -> pl.Series:
@@ -861,7 +922,9 @@ def _aligned(frame: pl.DataFrame, float_decimals: int | None) -> str:
         series = frame.get_column(name)
         if dtype.is_float() and float_decimals is not None:
             series = _fixed(series, float_decimals)
-        elif dtype.is_nested() or dtype == pl.Object:
+        elif dtype.is_nested():
+            series = json_text(series)
+        elif dtype == pl.Object:
             series = pl.Series(name, [None if v is None else str(v) for v in series.to_list()], dtype=pl.String)
         else:
             series = series.cast(pl.String)

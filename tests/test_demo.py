@@ -91,7 +91,9 @@ def test_ends_with_suggestions_clusters_and_a_landscape_page(demo):
     directory, result, lines = demo
     assert len(result.suggestions) == 3 and all(s["support"] >= 1 for s in result.suggestions)
     assert result.clusters >= 2 and (result.snapshot / "clusters").is_dir()
-    assert result.landscape == directory / LANDSCAPE and 'data-points="' in result.landscape.read_text()
+    page = result.landscape.read_text()
+    assert result.landscape == directory / LANDSCAPE and f'data-points="{RUNS}"' in page
+    assert "t-SNE: near runs are alike" in page and "(t-SNE of the configs) coloured by cluster" in "\n".join(lines)
 
 
 def test_twice_replaces_only_its_own_files(tmp_path):

@@ -372,6 +372,65 @@ def test_sql_views_macros_and_formats(rows, snapshot):
     assert piped.exit_code == 0 and piped.stdout == "two\n2\n"  # not a terminal: CSV
 
 
+# Every kind of nested value, and values Polars cannot hold (they come as DuckDB's text).
+NESTED_SQL = (
+    "SELECT 'r1' AS id, [1, 2, NULL] AS list, [0.5, -1.25]::DOUBLE[2] AS array,"
+    " {'a': 1, 'b c': ['x', 'y\"z,']} AS struct, MAP {'k': [1.5::DOUBLE], 'j': NULL} AS map,"
+    " MAP {7: 'seven'} AS int_map, [{'m': MAP {'x': 1}}] AS deep, NULL::INTEGER[] AS none, [] AS empty,"
+    " '2 days'::INTERVAL AS span, union_value(n := 3) AS tagged, 'ab'::BLOB AS bytes,"
+    " {'w': ['1 hour'::INTERVAL]} AS nested_span"
+)
+NESTED_VALUES = {
+    "id": "r1", "list": [1, 2, None], "array": [0.5, -1.25], "struct": {"a": 1, "b c": ["x", 'y"z,']},
+    "map": {"k": [1.5], "j": None}, "int_map": {"7": "seven"}, "deep": [{"m": {"x": 1}}], "none": None,
+    "empty": [], "span": "2 days", "tagged": "3", "bytes": "ab", "nested_span": {"w": ["01:00:00"]},
+}
+
+
+def test_sql_prints_lists_arrays_structs_and_maps_in_every_format(snapshot):
+    import csv
+    import io
+
+    as_json = invoke("sql", "--snapshot", snapshot, "--format", "json", NESTED_SQL)
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.stdout) == [NESTED_VALUES]
+    as_csv = invoke("sql", "--snapshot", snapshot, "--format", "csv", NESTED_SQL)
+    assert as_csv.exit_code == 0, as_csv.output
+    [row] = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert list(row) == list(NESTED_VALUES)
+    for name, want in NESTED_VALUES.items():
+        if want is None:
+            assert row[name] == "", name  # NULL: an empty field, as for any column
+        elif isinstance(want, (list, dict)):
+            assert json.loads(row[name]) == want, name  # nested: the JSON text that --format json writes
+        else:
+            assert row[name] == want, name
+    table = invoke("sql", "--snapshot", snapshot, "--format", "table", NESTED_SQL)
+    assert table.exit_code == 0, table.output
+    header, rule, line, footer = table.stdout.splitlines()
+    assert header.split() == list(NESTED_VALUES) and footer == "(1 row)"
+    for name in ("list", "array", "struct", "map", "int_map", "deep", "empty"):
+        assert json.dumps(NESTED_VALUES[name], separators=(",", ":")) in line, name
+    frame = metabatch.sql(NESTED_SQL, snapshot)  # the Python API: nested types kept
+    assert frame.schema["list"] == pl.List(pl.Int32) and frame.schema["map"] == pl.Map(pl.String, pl.List(pl.Float64))
+    assert frame.schema["span"] == pl.String and frame.schema["int_map"] == pl.Map(pl.String, pl.String)
+
+
+def test_sql_prints_the_vectors_as_csv_when_piped(snapshot):
+    import csv
+    import io
+
+    query_text = "SELECT run_id, vector FROM embeddings ORDER BY joint_id LIMIT 3"
+    piped = CliRunner().invoke(main, ["sql", "--snapshot", str(snapshot), query_text])  # not a terminal: CSV
+    assert piped.exit_code == 0, piped.output
+    rows = list(csv.DictReader(io.StringIO(piped.stdout)))
+    want = metabatch.sql(query_text, snapshot)
+    assert [r["run_id"] for r in rows] == want["run_id"].to_list()
+    for r, vector in zip(rows, want["vector"].to_list()):
+        got = np.array(json.loads(r["vector"]), dtype=np.float32)
+        assert got.shape == (384,) and np.array_equal(got, np.array(vector, dtype=np.float32))
+
+
 def test_sql_is_read_only(snapshot, tmp_path):
     from test_snapshot import tree_digest
 

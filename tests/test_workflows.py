@@ -174,32 +174,139 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def test_landscape_page_is_self_contained_and_draws_its_points(world, tmp_path):
-    page = tmp_path / "landscape.html"
-    result = invoke("landscape", "--snapshot", str(world["snapshot"]), "--model-id", MODEL, "--out", str(page), "--color", "annualised_sharpe")
-    assert result.exit_code == 0, result.output
-    text = page.read_text()
-    assert not re.search(r"<script[^>]+src=|<link[^>]+href=", text), "nothing is fetched from the network"
-    assert 'data-points="3000"' in text and "model.kind" in text  # a hover field: a config path that tells families apart
+def page_spec(page) -> dict:
+    """The Vega-Lite spec a landscape page draws."""
+    return json.loads(re.search(r"const spec = (\{.*?\});\n", page.read_text(), re.S).group(1))
+
+
+def drawn_points(spec: dict) -> pl.DataFrame:
+    """The points a landscape's spec draws (its first layer's data)."""
+    data = spec["layer"][0].get("data") or spec["data"]
+    return pl.DataFrame(spec["datasets"][data["name"]])
+
+
+def drawn_in_chromium(page, profile) -> int:
+    """How many points headless Chromium drew on the page (the page counts Vega's marks)."""
     browser = _chromium()
     if browser is None:
         pytest.skip("no chromium on this machine (.ci/run installs Debian's chromium)")
     dom = subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000",
+         "--disable-sync", "--no-first-run", f"--user-data-dir={profile}", "--virtual-time-budget=30000",
          "--dump-dom", page.as_uri()],
         capture_output=True, text=True, timeout=180,
     ).stdout
     drawn = re.search(r'data-rendered-points="(\d+)"', dom)
     assert drawn, "the page drew no map: " + (re.search(r'data-render-error="([^"]*)"', dom) or [None, dom[-300:]])[1]
-    assert int(drawn.group(1)) == 3000
+    return int(drawn.group(1))
+
+
+@pytest.fixture(scope="module")
+def pages(world, tmp_path_factory):
+    """The joint slice of the 3,000 runs coloured by Sharpe, laid out by t-SNE (the
+    default) and by PCA, through the command."""
+    folder = tmp_path_factory.mktemp("pages")
+    out = {}
+    for layout in ("tsne", "pca"):
+        page = folder / f"{layout}.html"
+        result = invoke("landscape", "--snapshot", str(world["snapshot"]), "--model-id", MODEL, "--out", str(page),
+                        "--color", "annualised_sharpe", *(["--layout", layout] if layout == "pca" else []))
+        assert result.exit_code == 0, result.output
+        assert ("t-SNE" if layout == "tsne" else "PCA") in result.output
+        out[layout] = page
+    return out
+
+
+@pytest.mark.parametrize("layout", ["tsne", "pca"])
+def test_landscape_page_is_self_contained_and_draws_its_points(pages, layout, tmp_path):
+    page = pages[layout]
+    text = page.read_text()
+    assert not re.search(r"<script[^>]+src=|<link[^>]+href=", text), "nothing is fetched from the network"
+    assert 'data-points="3000"' in text and "model.kind" in text  # a hover field: a config path that tells families apart
+    assert ("t-SNE: near runs are alike" if layout == "tsne" else "PCA: ") in text
+    assert drawn_in_chromium(page, tmp_path / "profile") == 3000
+
+
+def _trustworthiness(world, page, on="joint") -> float:
+    from sklearn.manifold import trustworthiness
+
+    from metabatch.space import open_space
+
+    points = drawn_points(page_spec(page)).select("run_id", "x", "y")
+    space = open_space(MODEL, snapshot=world["snapshot"])
+    rows = space.runs.select("run_id").with_row_index("position").join(points, on="run_id")
+    return trustworthiness(space.unit_rows(on, rows.get_column("position").to_numpy()), rows.select("x", "y").to_numpy(), n_neighbors=10)
+
+
+def test_tsne_keeps_each_runs_neighbours_better_than_pca(world, pages, tmp_path, monkeypatch):
+    tsne, pca = _trustworthiness(world, pages["tsne"]), _trustworthiness(world, pages["pca"])
+    assert tsne >= 0.98 and tsne > pca + 0.03, (tsne, pca)
+    # Above TSNE_SAMPLE runs, t-SNE lays out a sample and places the others among it: as good.
+    from metabatch import landscape
+
+    monkeypatch.setattr(landscape, "TSNE_SAMPLE", 1000)
+    placed = landscape.draw_landscape(MODEL, out=tmp_path / "placed.html", snapshot=world["snapshot"])
+    assert placed.points == 3000 and placed.layout == "tsne"
+    assert _trustworthiness(world, tmp_path / "placed.html") >= tsne - 0.01
+
+
+def test_the_same_seed_draws_the_same_map(world, pages, tmp_path):
+    from metabatch.landscape import draw_landscape
+
+    again = draw_landscape(MODEL, out=tmp_path / "again.html", color="annualised_sharpe", snapshot=world["snapshot"])
+    first = drawn_points(page_spec(pages["tsne"])).select("run_id", "x", "y").sort("run_id")
+    assert again.layout == "tsne" and again.coordinates.sort("run_id").equals(first)
+
+
+def test_a_metric_with_a_neutral_point_diverges_from_it_else_is_sequential(world, pages, tmp_path):
+    from metabatch.landscape import ABOVE, BELOW, NEITHER, neutral_value
+
+    scale = page_spec(pages["tsne"])["layer"][0]["encoding"]["color"]["scale"]
+    low, mid, high = scale["domain"]
+    assert mid == 0.0 and low < 0 < high and scale["range"] == [BELOW, NEITHER, ABOVE]
+    sharpe = pl.read_parquet(world["snapshot"] / "runs").get_column("annualised_sharpe")
+    assert low == pytest.approx(sharpe.quantile(0.01), abs=1e-9) and high == pytest.approx(sharpe.quantile(0.99), abs=1e-9)
+    page = tmp_path / "vol.html"
+    result = invoke("landscape", "--snapshot", str(world["snapshot"]), "--model-id", MODEL, "--out", str(page),
+                    "--color", "annualised_vol", "--layout", "pca")
+    assert result.exit_code == 0, result.output
+    assert page_spec(page)["layer"][0]["encoding"]["color"]["scale"]["scheme"] == "viridis"
+    assert [neutral_value(m) for m in ("annualised_sharpe", "Sortino", "cagr", "total_return", "profit_factor")] == [0, 0, 0, 0, 1]
+    assert [neutral_value(m) for m in ("max_drawdown", "annualised_vol", "hit_rate", "turnover", "n_trades")] == [None] * 5
+
+
+@pytest.mark.parametrize("k", [12, 24])
+def test_landscape_tells_every_cluster_apart(world, tmp_path, k):
+    from metabatch.cluster import write_assignments
+    from metabatch.landscape import GREY, LABELLED
+
+    clusters = write_assignments(cluster_runs(MODEL, on="config", k=k, snapshot=world["snapshot"]), tmp_path / "clusters.parquet")
+    page = tmp_path / "clusters.html"
+    result = invoke("landscape", "--snapshot", str(world["snapshot"]), "--model-id", MODEL, "--out", str(page),
+                    "--on", "config", "--color", "cluster", "--clusters", str(clusters), "--max-points", "800",
+                    *(["--layout", "pca"] if k <= LABELLED else []))  # the labels are for t-SNE's maps
+    assert result.exit_code == 0, result.output
+    spec = page_spec(page)
+    color = spec["layer"][0]["encoding"]["color"]
+    assert color["scale"]["domain"] == [str(i) for i in range(k)], "the legend in numeric order"
+    colours = color["scale"]["range"]
+    assert len(set(colours)) == k and GREY not in colours, "a colour of its own for each cluster"
+    assert color["legend"]["symbolLimit"] == 0, "every cluster in the legend"
+    points = drawn_points(spec)
+    if k <= LABELLED:
+        assert len(spec["layer"]) == 1
+        return
+    labels = pl.DataFrame(spec["datasets"][spec["layer"][1]["data"]["name"]])
+    assert set(labels.get_column("color")) == {str(i) for i in range(k)}, "each cluster labelled at least once"
+    on_its_cluster = labels.join(points, on=["color", "x", "y"], how="semi")
+    assert on_its_cluster.height == labels.height, "each label sits on a run of its cluster"
 
 
 def test_landscape_picture_and_a_stratified_sample(world, tmp_path):
     picture = tmp_path / "landscape.png"
     result = invoke(
         "landscape", "--snapshot", str(world["snapshot"]), "--model-id", MODEL, "--out", str(picture),
-        "--color", "strategy", "--max-points", "600", "--on", "config",
+        "--color", "strategy", "--max-points", "600", "--on", "config", "--layout", "pca",
     )
     assert result.exit_code == 0, result.output
     assert "of 3,000 (stratified by strategy)" in result.output
@@ -209,6 +316,15 @@ def test_landscape_picture_and_a_stratified_sample(world, tmp_path):
     assert wrong.exit_code == 2 and ".html" in wrong.output
     no_clusters = invoke("landscape", "--snapshot", str(world["snapshot"]), "--model-id", MODEL, "--out", str(tmp_path / "y.png"), "--color", "cluster")
     assert no_clusters.exit_code == 2 and "metabatch cluster" in no_clusters.output
+    no_layout = invoke("landscape", "--snapshot", str(world["snapshot"]), "--model-id", MODEL, "--out", str(tmp_path / "z.png"), "--layout", "umap")
+    assert no_layout.exit_code == 2 and "tsne" in no_layout.output and "pca" in no_layout.output
+
+
+def test_category_order_reads_numbers_by_value():
+    from metabatch.landscape import category_order
+
+    assert category_order(["10", "2", "other", "1", "(none)", "0", "11"]) == ["0", "1", "2", "10", "11", "(none)", "other"]
+    assert category_order(["US_EQ", "CRYPTO", "(none)"]) == ["CRYPTO", "US_EQ", "(none)"]
 
 
 @pytest.mark.parametrize("where", ["snapshot", "database"])
@@ -241,3 +357,13 @@ def test_a_stratified_sample_keeps_each_stratum_in_proportion():
     for key, count in expected.items():
         assert abs(shares[key] - count * 60_000 / 900_000) <= 1
     assert sample.get_column("position").is_sorted() and sample.get_column("position").n_unique() == sample.height
+
+
+def test_a_stratified_sample_keeps_at_least_the_minimum_of_each_stratum():
+    from metabatch.landscape import _stratified
+
+    frame = pl.DataFrame({"position": np.arange(10_030), "color": ["big"] * 10_000 + ["small"] * 30})
+    sample = _stratified(frame, "color", 1000, seed=2, minimum=50)
+    counts = dict(sample.group_by("color").len().iter_rows())
+    assert counts == {"big": 997, "small": 30}
+    assert dict(_stratified(frame, "color", 1000, seed=2).group_by("color").len().iter_rows()) == {"big": 997, "small": 2}
