@@ -885,7 +885,7 @@ def cluster(urls, model_id, snapshot, strategy_ids, start, end, on, k, seed, met
       metabatch cluster --model-id my-v2 --on config --k 40 --out clusters.parquet
       metabatch cluster --snapshot ./snapshot --model-id my-v2 --on joint
     """
-    from .cluster import SPLIT_SILHOUETTE, cluster_runs, snapshot_clusters_path, write_assignments
+    from .cluster import COARSE_SHARE, SPLIT_SILHOUETTE, cluster_runs, snapshot_clusters_path, write_assignments
     from .query import format_frame
 
     if start and end and start > end:
@@ -908,12 +908,16 @@ def cluster(urls, model_id, snapshot, strategy_ids, start, end, on, k, seed, met
         click.echo(format_frame(result.summary, "csv"), nl=False)
         return
     how = "given" if result.chosen_by == "given" else "picked by silhouette: " + ", ".join(f"{c}: {v:.3f}" for c, v in result.silhouettes.items())
-    if result.coarse_k is not None:
+    if result.coarse_k is not None and result.splits:
         click.echo(f"{result.coarse_k} coarse clusters of {result.assignments.height:,} runs on the {on} slice of {model_id} (k {how})")
         for c, scores in result.splits.items():
             best = max(scores, key=lambda s: (round(scores[s], 3), -s))
             click.echo(f"  coarse cluster {c} holds {best} environments (silhouette of its own runs {scores[best]:.3f} >= {SPLIT_SILHOUETTE})")
-        click.echo(f"{result.k} environments at the finest level" + ("" if result.splits else " (no coarse cluster splits: one level)"))
+        click.echo(f"{result.k} environments at the finest level (column cluster; coarse: the coarse cluster)")
+    elif result.coarse_k is not None:
+        click.echo(f"{result.k} clusters of {result.assignments.height:,} runs on the {on} slice of {model_id} (k {how})")
+        click.echo(f"{result.coarse_k} coarse clusters hold them (k = {result.coarse_k} scores at least {COARSE_SHARE:.0%} of the best silhouette; column coarse)")
+        click.echo(f"{result.k} environments at the finest level")
     else:
         click.echo(f"{result.k} clusters of {result.assignments.height:,} runs on the {on} slice of {model_id} (k {how})")
     if result.metric:

@@ -16,9 +16,12 @@ how it was chosen.
   regimes within it), and the silhouette over all runs picks the coarse
   level, so each coarse cluster is searched again the same way, on its own
   runs: where the best silhouette within it reaches ``SPLIT_SILHOUETTE`` (its
-  runs fall into groups well apart), it is split. The clusters are the finest
-  level found; ``coarse`` says which coarse cluster each lies in (the
-  assignments and the summary carry both).
+  runs fall into groups well apart), it is split. Where none is split (the
+  silhouette picked the finest level), a coarser level exists when a smaller
+  k scores at least ``COARSE_SHARE`` of the best silhouette: each cluster then
+  joins the coarse cluster (of that k) that holds most of its runs. The
+  clusters are the finest level found; ``coarse`` says which coarse cluster
+  each lies in (the assignments and the summary carry both).
 - The summary: size, the metric's mean and spread, the dominant strategies
   and universes, a representative run (nearest its centroid), and the config
   paths whose values set the cluster apart: over a sample of each cluster's
@@ -52,6 +55,8 @@ K_CHOICES = (2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60)
 CONFIGS_PER_CLUSTER = 200
 # a coarse environment is split when the best silhouette of its own runs reaches this
 SPLIT_SILHOUETTE = 0.4
+# a coarser level of environments exists when its k scores this share of the best silhouette
+COARSE_SHARE = 0.9
 
 
 @dataclass
@@ -111,6 +116,8 @@ def cluster_runs(
         progress("searching each environment for nested ones")
         coarse = _by_size(labels, k)
         labels, distance, splits = _split_nested(x, coarse, distance, k, seed, rng)
+        if not splits:
+            coarse = _coarser(x, held, labels, k, silhouettes, seed, rng)
         chosen_by = "nested silhouette"
     k = int(labels.max()) + 1
     labels = _by_size(labels, k)
@@ -140,6 +147,23 @@ def _kmeans_labels(x: np.ndarray, held: np.ndarray, k: int, seed: int, rng: np.r
         labels[rows] = centroids.predict(x[rows])
         distance[rows] = np.linalg.norm(x[rows] - centroids.cluster_centers_[labels[rows]], axis=1)
     return labels, distance
+
+
+def _coarser(x, held, labels, k, silhouettes: dict, seed, rng) -> np.ndarray | None:
+    """The coarse cluster of each run when a smaller k scores at least
+    ``COARSE_SHARE`` of ``k``'s silhouette (each of ``labels``' clusters joins
+    the coarse cluster holding most of its runs); None when none does."""
+    smaller = {c: v for c, v in silhouettes.items() if c < k}
+    if not smaller:
+        return None
+    best = max(smaller, key=lambda c: (round(smaller[c], 3), -c))
+    if smaller[best] < COARSE_SHARE * silhouettes[k]:
+        return None
+    groups, _ = _kmeans_labels(x, held, best, seed, rng, len(labels))
+    joint = np.zeros((k, best), np.int64)
+    np.add.at(joint, (labels[held], groups[held]), 1)
+    of_cluster = _by_size(joint.argmax(axis=1), best)
+    return np.where(labels >= 0, of_cluster[np.maximum(labels, 0)], -1)
 
 
 def _split_nested(x, coarse: np.ndarray, distance: np.ndarray, k: int, seed: int, rng) -> tuple[np.ndarray, np.ndarray, dict]:
