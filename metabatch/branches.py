@@ -85,7 +85,7 @@ def learn_branches(model: V2Model, values: tuple, leaves: tuple, n: int, con, op
     for _ in range(2):
         if not measured:
             break
-        figures = Clusters(_env_probe(model, measured), "env", leaves, n, con)
+        figures = Clusters(_env_probe(model, measured, _decorrelated(model, measured, metric_values, n)), "env", leaves, n, con)
         if figures.labels is None:
             break
         key_figures = {p: _key_figures(p, groups, figures.labels, configs, n) for p, groups in key_groups.items()}
@@ -145,14 +145,14 @@ def _config_clusters(model: V2Model, config_values: dict, leaves: tuple, n: int,
     return clusters
 
 
-def _env_probe(model: V2Model, paths: list[str]) -> V2Model:
+def _env_probe(model: V2Model, paths: list[str], weights: dict[str, float] | None = None) -> V2Model:
     """A model that encodes only ``paths`` (config paths, metrics or window keys),
-    in a wide env slice, each feature group at weight 1."""
+    in a wide env slice, each feature group at weight 1 (or ``weights[path]``)."""
     probe = V2Model({"config": 0.0, "env": 1.0, "outcome": 0.0}, {}, {}, model.patterns, slices=dict(_PROBE_SLICES), format=model.format)
     for path in paths:
         for source, target in ((model.config_paths, probe.config_paths), (model.metric_paths, probe.metric_paths), (model.window_paths, probe.window_paths)):
             if path in source:
-                target[path] = _at_weight_one(source[path], "env")
+                target[path] = _at_weight_one(source[path], "env", (weights or {}).get(path, 1.0))
     probe._defaults = _GivesNothing()  # metrics the probe does not hold: nothing, not defaults
     return probe
 
@@ -162,16 +162,44 @@ class _GivesNothing(dict):
         return PathModel("none")
 
 
-def _at_weight_one(m: PathModel, branch: str) -> PathModel:
-    """A copy of a path model in ``branch`` with each of its feature groups at weight 1."""
+def _at_weight_one(m: PathModel, branch: str, weight: float = 1.0) -> PathModel:
+    """A copy of a path model in ``branch`` with each of its feature groups at
+    weight 1 (or ``weight``)."""
     def unit(group):
         if group is None:
             return None
         copy = type(group)(**{k: v for k, v in vars(group).items() if not k.startswith("_")})
-        copy.weight = 1.0
+        copy.weight = weight
         return copy
 
-    return PathModel(branch, float(m.present > 0), unit(m.number), unit(m.length), unit(m.string), unit(m.date))
+    return PathModel(branch, weight * float(m.present > 0), unit(m.number), unit(m.length), unit(m.string), unit(m.date))
+
+
+def _decorrelated(model: V2Model, metrics: list[str], metric_values: dict, n: int) -> dict[str, float]:
+    """Per metric, 1 / the sum of its squared correlations with the metrics (itself
+    included): what several metrics measure together (a run's returns, its
+    Sharpe, its drawdown) counts about once in the metrics' clusters, as one
+    independent figure does."""
+    columns = []
+    for key in metrics:
+        m, values = model.metric_paths[key], metric_values[key]
+        column = np.full(n, np.nan)
+        if m.number is not None and values.numbers:
+            held, x, _ = row_means(_joined(values.number_rows, np.int64), m.number.transform(_joined(values.numbers, np.float64)), n)
+            column[held] = x
+        columns.append(column)
+    if len(columns) < 2:
+        return {}
+    x = np.array(columns).T
+    x = np.where(np.isfinite(x), x, np.nanmean(np.where(np.isfinite(x), x, np.nan), axis=0))  # a missing value: the mean
+    spread = x.std(axis=0)
+    usable = np.isfinite(spread) & (spread > 0)
+    weights = {}
+    if usable.sum() >= 2:
+        correlation = np.corrcoef(x[:, usable].T)
+        for key, weight in zip(np.asarray(metrics)[usable].tolist(), (1.0 / (correlation**2).sum(axis=1)).tolist()):
+            weights[key] = float(weight)
+    return weights
 
 
 def _key_figures(path: str, groups: list[Group], figures: np.ndarray, configs: Clusters, n: int) -> dict:
