@@ -14,6 +14,7 @@ from typing import Iterator, Protocol
 import pyarrow as pa
 
 from ..errors import MetabatchError, MissingTable
+from ..shards import Shard
 from ..urls import DatabaseURL
 
 # Columns of backtest_runs the pipeline reads, JSON as text.
@@ -84,12 +85,15 @@ def model_row(values) -> dict:
 
 @dataclass(frozen=True)
 class RunSelection:
-    """Which runs a backfill reads (the spec's rules)."""
+    """Which runs a backfill reads (the spec's rules). ``shard``: only the
+    selected runs of one shard (``shards``), taken after the limit, so that
+    the shards of a selection are a partition of it."""
 
     strategy_ids: tuple[str, ...] = ()
     start: dt.date | None = None
     end: dt.date | None = None
     limit: int | None = None
+    shard: Shard | None = None
 
 
 @dataclass(frozen=True)

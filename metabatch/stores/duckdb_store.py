@@ -54,6 +54,7 @@ import pyarrow.compute as pc
 
 from ..errors import MetabatchError, MissingTable, StoreUnreachable
 from ..resources import resource_dir
+from ..shards import Shard, shard_condition
 from ..urls import DatabaseURL
 from .base import EmbeddingFilter, ModelExists, RunSelection, model_params, model_row, require_columns
 
@@ -297,10 +298,35 @@ class DuckDBStore:
         return (" WHERE " + " AND ".join(where) if where else ""), params
 
     def count_runs(self, selection: RunSelection) -> int:
+        return self.count_selected(selection)[0]
+
+    def count_selected(self, selection: RunSelection, skip: pa.Array | None = None) -> tuple[int, int]:
+        """(runs selected, of those the ones whose run_id is not in ``skip``), in one scan."""
         self.check_table("backtest_runs")
+        query, params = self._selected_query(selection, "run_id")
+        not_skipped, tables = "count(*)", {}
+        if skip is not None and len(skip):
+            not_skipped = "count(*) FILTER (WHERE run_id NOT IN (SELECT run_id FROM mb_skip_runs))"
+            tables["mb_skip_runs"] = pa.table({"run_id": skip.cast(pa.string())})
+        cur = self._root.cursor()
+        try:
+            for name, table in tables.items():
+                cur.register(name, table)
+            (selected, kept) = cur.sql(f"SELECT count(*), {not_skipped} FROM ({query}) AS selected", params=params or None).fetchall()[0]
+        finally:
+            cur.close()
+        return int(selected), int(kept)
+
+    def _selected_query(self, selection: RunSelection, columns: str) -> tuple[str, list]:
+        """The query of the selected runs (the limit, then the shard) and its parameters."""
         where, params = self._where(selection, metrics_required=True)
-        (count,) = self.conn.sql(f"SELECT count(*) FROM backtest_runs{where}", params=params or None).fetchall()[0]
-        return int(count) if selection.limit is None else min(int(count), selection.limit)
+        query = f"SELECT {columns} FROM backtest_runs{where}"
+        if selection.limit is not None:
+            query += " ORDER BY end_date DESC, run_id DESC LIMIT ?"
+            params.append(int(selection.limit))
+        if selection.shard is not None:
+            query = f"SELECT * FROM ({query}) AS limited WHERE {shard_condition(selection.shard, 'run_id', 'duckdb')}"
+        return query, params
 
     def _stream(self, query: str, params: list, tables: dict | None = None) -> Iterator[pa.RecordBatch]:
         """The query's rows in record batches, read on a cursor of its own
@@ -318,15 +344,11 @@ class DuckDBStore:
 
     def read_runs(self, selection: RunSelection, skip: pa.Array | None = None) -> Iterator[pa.RecordBatch]:
         self.check_table("backtest_runs")
-        where, params = self._where(selection, metrics_required=True)
-        query = (
-            "SELECT run_id, strategy_id, universe_id, end_date,"
-            " CAST(config_json AS VARCHAR) AS config_json, CAST(metrics_json AS VARCHAR) AS metrics_json"
-            f" FROM backtest_runs{where}"
+        query, params = self._selected_query(
+            selection,
+            "run_id, strategy_id, universe_id, end_date,"
+            " CAST(config_json AS VARCHAR) AS config_json, CAST(metrics_json AS VARCHAR) AS metrics_json",
         )
-        if selection.limit is not None:
-            query += " ORDER BY end_date DESC, run_id DESC LIMIT ?"
-            params.append(int(selection.limit))
         if skip is not None and len(skip):
             query = (
                 f"SELECT * FROM ({query}) AS selected WHERE NOT EXISTS"
@@ -338,6 +360,8 @@ class DuckDBStore:
     def stream_run_details(self, selection: RunSelection) -> Iterator[pa.RecordBatch]:
         self.check_table("backtest_runs")
         where, params = self._where(selection, metrics_required=False)
+        if selection.shard is not None:
+            where += (" AND " if where else " WHERE ") + shard_condition(selection.shard, "run_id", "duckdb")
         query = (
             "SELECT run_id, strategy_id, universe_id, start_date, end_date,"
             " CAST(config_json AS VARCHAR) AS config_json, CAST(metrics_json AS VARCHAR) AS metrics_json"
@@ -427,6 +451,8 @@ class DuckDBStore:
         if flt.end is not None:
             where.append("as_of_date <= ?")
             params.append(flt.end)
+        if extra.get("shard") is not None:
+            where.append(shard_condition(extra["shard"], _RUN_ID, "duckdb"))
         query = (
             "SELECT joint_id, joint_type, model_id, as_of_date,"
             " json_extract_string(entity_scope, '$.run_id') AS run_id,"
@@ -496,6 +522,17 @@ class DuckDBStore:
             except duckdb.Error as exc:
                 raise self._error("registering the model", exc) from None
         return int(deleted)
+
+    def embedded_run_ids(self, joint_type: str, model_id: str, shard: Shard | None = None) -> pa.Array:
+        """The run ids that have a (joint_type, model_id) row (each once)."""
+        self.check_table("joint_embeddings")
+        where = f" AND {shard_condition(shard, _RUN_ID, 'duckdb')}" if shard is not None else ""
+        found = self.conn.sql(
+            f"SELECT DISTINCT {_RUN_ID} AS run_id FROM joint_embeddings"
+            f" WHERE joint_type = ? AND model_id = ? AND {_RUN_ID} IS NOT NULL{where}",
+            params=[joint_type, model_id],
+        ).to_arrow_table()
+        return _plain_text(found.column("run_id"))
 
     def count_embeddings(self, joint_type: str, model_id: str) -> int:
         self.check_table("joint_embeddings")
