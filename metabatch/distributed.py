@@ -375,7 +375,7 @@ def backfill_on_ray(
     ray = session.ray
     count = shards or default_shards(session.cpus())
     total = None
-    already = 0
+    selected = None
     per_shard_embedded: list[pa.Array | None] = [None] * count
     runs_store = open_store(runtime_url)
     try:
@@ -388,8 +388,7 @@ def backfill_on_ray(
                 embedded = history.embedded_run_ids(JOINT_TYPE, encoder.model_id)
             finally:
                 history.close()
-            selected, total = runs_store.count_selected(selection, embedded)
-            already = selected - total
+            selected = runs_store.count_runs(selection)
             per_shard_embedded = split_by_shard(embedded, count)
         elif count_total:
             total = runs_store.count_runs(selection)
@@ -403,8 +402,9 @@ def backfill_on_ray(
         on_progress, total, "backfill",
     )
     summary = BackfillSummary(model_id=encoder.model_id, encoder=encoder.kind)
-    summary.already_embedded = already
     merge_backfills(summary, outcomes, progress)
+    if selected is not None:
+        summary.already_embedded = max(0, selected - summary.runs_read)
     summary.elapsed_seconds = time.perf_counter() - started
     return summary
 

@@ -298,24 +298,10 @@ class DuckDBStore:
         return (" WHERE " + " AND ".join(where) if where else ""), params
 
     def count_runs(self, selection: RunSelection) -> int:
-        return self.count_selected(selection)[0]
-
-    def count_selected(self, selection: RunSelection, skip: pa.Array | None = None) -> tuple[int, int]:
-        """(runs selected, of those the ones whose run_id is not in ``skip``), in one scan."""
         self.check_table("backtest_runs")
         query, params = self._selected_query(selection, "run_id")
-        not_skipped, tables = "count(*)", {}
-        if skip is not None and len(skip):
-            not_skipped = "count(*) FILTER (WHERE run_id NOT IN (SELECT run_id FROM mb_skip_runs))"
-            tables["mb_skip_runs"] = pa.table({"run_id": skip.cast(pa.string())})
-        cur = self._root.cursor()
-        try:
-            for name, table in tables.items():
-                cur.register(name, table)
-            (selected, kept) = cur.sql(f"SELECT count(*), {not_skipped} FROM ({query}) AS selected", params=params or None).fetchall()[0]
-        finally:
-            cur.close()
-        return int(selected), int(kept)
+        (count,) = self.conn.sql(f"SELECT count(*) FROM ({query}) AS selected", params=params or None).fetchall()[0]
+        return int(count)
 
     def _selected_query(self, selection: RunSelection, columns: str) -> tuple[str, list]:
         """The query of the selected runs (the limit, then the shard) and its parameters."""
@@ -342,20 +328,28 @@ class DuckDBStore:
         finally:
             cur.close()
 
-    def read_runs(self, selection: RunSelection, skip: pa.Array | None = None) -> Iterator[pa.RecordBatch]:
+    def read_runs(
+        self, selection: RunSelection, skip: pa.Array | None = None, embedded: tuple[str, str] | None = None
+    ) -> Iterator[pa.RecordBatch]:
         self.check_table("backtest_runs")
         query, params = self._selected_query(
             selection,
             "run_id, strategy_id, universe_id, end_date,"
             " CAST(config_json AS VARCHAR) AS config_json, CAST(metrics_json AS VARCHAR) AS metrics_json",
         )
+        left_out, tables = [], {}
         if skip is not None and len(skip):
-            query = (
-                f"SELECT * FROM ({query}) AS selected WHERE NOT EXISTS"
-                " (SELECT 1 FROM mb_skip_runs s WHERE s.run_id = selected.run_id)"
+            left_out.append("NOT EXISTS (SELECT 1 FROM mb_skip_runs s WHERE s.run_id = selected.run_id)")
+            tables["mb_skip_runs"] = pa.table({"run_id": skip.cast(pa.string())})
+        if embedded is not None:
+            left_out.append(
+                "NOT EXISTS (SELECT 1 FROM joint_embeddings j WHERE j.joint_type = ? AND j.model_id = ?"
+                f" AND {_RUN_ID.replace('entity_scope', 'j.entity_scope')} = selected.run_id)"
             )
-            return self._stream(query, params, {"mb_skip_runs": pa.table({"run_id": skip.cast(pa.string())})})
-        return self._stream(query, params)
+            params = [*params, *embedded]
+        if left_out:
+            query = f"SELECT * FROM ({query}) AS selected WHERE " + " AND ".join(left_out)
+        return self._stream(query, params, tables)
 
     def stream_run_details(self, selection: RunSelection) -> Iterator[pa.RecordBatch]:
         self.check_table("backtest_runs")
@@ -371,9 +365,10 @@ class DuckDBStore:
 
     # -- embeddings
 
-    def replace_embeddings(self, rows: pa.Table, joint_type: str, model_id: str) -> None:
+    def replace_embeddings(self, rows: pa.Table, joint_type: str, model_id: str, buckets=None) -> None:
         """Upsert one batch: a run's existing row is updated in place (its joint_id
-        stays), its duplicates are deleted, and new runs are inserted."""
+        stays), its duplicates are deleted, and new runs are inserted. (``buckets``:
+        unused; one process writes a file, its writes one at a time.)"""
         stage = pa.table(
             {
                 "run_id": _plain_text(rows.column("run_id")),
@@ -524,11 +519,11 @@ class DuckDBStore:
         return int(deleted)
 
     def embedded_run_ids(self, joint_type: str, model_id: str, shard: Shard | None = None) -> pa.Array:
-        """The run ids that have a (joint_type, model_id) row (each once)."""
+        """The run ids that have a (joint_type, model_id) row (a run with two rows: twice)."""
         self.check_table("joint_embeddings")
         where = f" AND {shard_condition(shard, _RUN_ID, 'duckdb')}" if shard is not None else ""
         found = self.conn.sql(
-            f"SELECT DISTINCT {_RUN_ID} AS run_id FROM joint_embeddings"
+            f"SELECT {_RUN_ID} AS run_id FROM joint_embeddings"
             f" WHERE joint_type = ? AND model_id = ? AND {_RUN_ID} IS NOT NULL{where}",
             params=[joint_type, model_id],
         ).to_arrow_table()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import adbc_driver_manager
 import adbc_driver_postgresql.dbapi as adbc
@@ -254,35 +254,26 @@ class PostgresStore:
 
     @_lost_connections
     def count_runs(self, selection: RunSelection) -> int:
-        return self.count_selected(selection)[0]
-
-    @_lost_connections
-    def count_selected(self, selection: RunSelection, skip: pa.Array | None = None) -> tuple[int, int]:
-        """(runs selected, of those the ones whose run_id is not in ``skip``), in one scan."""
-        if selection.limit is None and selection.shard is None and skip is None:
-            query = self._runs_query(selection, "count(*), count(*)")
+        if selection.limit is None:
+            query = self._runs_query(selection, "count(*)")
         else:
-            inner = self._runs_query(selection, "run_id")
-            not_skipped = "count(*)"
-            if skip is not None and len(skip):
-                self._load_skip(skip)
-                not_skipped = (
-                    "count(*) FILTER (WHERE NOT EXISTS"
-                    " (SELECT 1 FROM metabatch_skip_runs s WHERE s.run_id = selected.run_id))"
-                )
-            query = f"SELECT count(*), {not_skipped} FROM ({inner}) AS selected"
+            query = f"SELECT count(*) FROM ({self._runs_query(selection, 'run_id')}) AS selected"
         with self.conn.cursor() as cur:
             cur.execute(query)
-            selected, kept = cur.fetchall()[0]
+            (count,) = cur.fetchall()[0]
         self.conn.commit()
-        return int(selected), int(kept)
+        return int(count)
 
     @_lost_connections
-    def _runs_query(self, selection: RunSelection, columns: str, skip: pa.Array | None = None) -> str:
+    def _runs_query(
+        self, selection: RunSelection, columns: str, skip: pa.Array | None = None, embedded: tuple[str, str] | None = None
+    ) -> str:
         """The param-free query for the selection (strategy ids and the run ids
         to ``skip`` go to temp tables). The shard is taken after the limit; with
-        no limit its condition is the expression of ``backtest_runs_shard_bucket``,
-        so that a shard reads its runs through that index."""
+        no limit its condition is the expression of ``backtest_runs_shard_run``,
+        so that a shard reads its runs through that index. ``embedded``:
+        (joint_type, model_id) whose rows in this database's joint_embeddings
+        leave their runs out, as ``skip`` does."""
         self.check_table("backtest_runs")
         where = ["metrics_json IS NOT NULL"]
         with self.conn.cursor() as cur:
@@ -290,6 +281,9 @@ class PostgresStore:
                 ids = pa.table({"strategy_id": pa.array(list(selection.strategy_ids), pa.string())})
                 cur.adbc_ingest("metabatch_strategy_filter", ids, mode="replace", temporary=True)
                 where.append("strategy_id IN (SELECT strategy_id FROM metabatch_strategy_filter)")
+            if embedded is not None:
+                key = pa.table({"joint_type": [embedded[0]], "model_id": [embedded[1]]})
+                cur.adbc_ingest("metabatch_missing_of", key, mode="replace", temporary=True)
         self.conn.commit()
         # Dates and the limit are Python date/int values parsed by metabatch, never raw text.
         if selection.start is not None:
@@ -303,14 +297,24 @@ class PostgresStore:
             query += f" ORDER BY end_date DESC, run_id DESC LIMIT {int(selection.limit)}"
             if selection.shard is not None:
                 query = f"SELECT * FROM ({query}) AS limited WHERE {shard_condition(selection.shard, 'run_id', 'postgresql')}"
+        # NOT EXISTS, an anti join (NOT IN rescans its list per row once it outgrows work_mem)
+        left_out = []
         if skip is not None and len(skip):
             self._load_skip(skip)
-            # after the limit (the same runs are selected), and NOT EXISTS, an
-            # anti join: NOT IN rescans its list per row once it outgrows work_mem
-            query = (
-                f"SELECT * FROM ({query}) AS selected WHERE NOT EXISTS"
-                " (SELECT 1 FROM metabatch_skip_runs s WHERE s.run_id = selected.run_id)"
+            left_out.append("NOT EXISTS (SELECT 1 FROM metabatch_skip_runs s WHERE s.run_id = {0}.run_id)")
+        if embedded is not None:
+            left_out.append(
+                "NOT EXISTS (SELECT 1 FROM joint_embeddings j WHERE j.joint_type = (SELECT joint_type FROM metabatch_missing_of)"
+                " AND j.model_id = (SELECT model_id FROM metabatch_missing_of) AND (j.entity_scope ->> 'run_id') = {0}.run_id)"
             )
+        if left_out and selection.limit is not None:
+            # after the limit: the same runs are selected
+            query = f"SELECT * FROM ({query}) AS selected WHERE " + " AND ".join(c.format("selected") for c in left_out)
+        elif left_out:
+            # the run ids left first, from the index backtest_runs_shard_run alone (under
+            # --missing most runs are left out), then only their rows
+            inner = f"SELECT r.run_id FROM backtest_runs r WHERE {' AND '.join(where)} AND " + " AND ".join(c.format("r") for c in left_out)
+            query = f"SELECT {columns} FROM backtest_runs WHERE run_id IN ({inner})"
         return query
 
     def _load_skip(self, skip: pa.Array) -> None:
@@ -325,34 +329,42 @@ class PostgresStore:
         self._skip_loaded = skip
 
     @_lost_connections
-    def read_runs(self, selection: RunSelection, skip: pa.Array | None = None) -> Iterator[pa.RecordBatch]:
-        query = self._runs_query(selection, ", ".join(RUN_COLUMNS), skip)
+    def read_runs(
+        self, selection: RunSelection, skip: pa.Array | None = None, embedded: tuple[str, str] | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        query = self._runs_query(selection, ", ".join(RUN_COLUMNS), skip, embedded)
         yield from self._stream(query, RUN_COLUMNS, _RUNS_BATCH_BYTES)
 
     # -- embeddings
 
     @_lost_connections
-    def replace_embeddings(self, rows: pa.Table, joint_type: str, model_id: str) -> None:
+    def replace_embeddings(self, rows: pa.Table, joint_type: str, model_id: str, buckets: Sequence[int] | None = None) -> None:
         """Upsert one batch: a run's existing row is updated in place (its joint_id
-        stays), its duplicates are deleted, and new runs are COPied in."""
+        stays), its duplicates are deleted, and new runs are COPied in.
+
+        ``buckets``: the shard buckets (``shards``) the batch's runs are in, for
+        the writer of a shard; None for a job over every bucket."""
         run_ids = rows.column("run_id").combine_chunks()
         try:
             with self.conn.cursor() as cur:
-                # One writer per (joint_type, model_id, bucket of run_id) at a time: two
-                # backfills over the same runs then replace each other's rows instead of
-                # duplicating, and the shards of a job (disjoint buckets) never wait for
-                # each other. The buckets are locked in ascending order (no deadlock),
-                # under the model id's lock taken shared, which a refit takes exclusive.
+                # Two writers of the same runs must not both insert a run: one writer per
+                # (joint_type, model_id) at a time, or, for the shards of a sharded job,
+                # one per (joint_type, model_id, bucket), under the model id's lock taken
+                # shared. The shards of a job then never wait for each other, two sharded
+                # jobs take turns on the buckets they share (locked in ascending order: no
+                # deadlock), and a job over every bucket, or a refit, excludes them all.
                 key = f"metabatch:{joint_type}:{model_id}"
-                cur.execute("SELECT pg_advisory_xact_lock_shared(hashtext($1))", (key,))
-                cur.fetchall()
-                cur.execute(
-                    "SELECT count(pg_advisory_xact_lock(hashtext($1), b)) FROM"
-                    f" (SELECT DISTINCT {bucket_sql('r.run_id', 'postgresql')} AS b"
-                    "  FROM unnest($2::text[]) AS r (run_id) ORDER BY 1) AS buckets",
-                    _one_row(key=key, run_ids=_as_one_list(run_ids.cast(pa.string()))),
-                )
-                cur.fetchall()
+                if buckets is None:
+                    cur.execute("SELECT pg_advisory_xact_lock(hashtext($1))", (key,))
+                    cur.fetchall()
+                else:
+                    cur.execute("SELECT pg_advisory_xact_lock_shared(hashtext($1))", (key,))
+                    cur.fetchall()
+                    cur.execute(
+                        "SELECT count(pg_advisory_xact_lock(hashtext($1), b)) FROM unnest($2::int[]) AS b",
+                        _one_row(key=key, buckets=_as_one_list(pa.array(sorted(set(buckets)), pa.int32()))),
+                    )
+                    cur.fetchall()
                 # One index probe per run id (a nested loop by construction): with
                 # `= ANY($3)` the planner, trusting stale statistics of a table that
                 # was empty, scanned every row of the model and filtered it, which
@@ -609,14 +621,14 @@ class PostgresStore:
 
     @_lost_connections
     def embedded_run_ids(self, joint_type: str, model_id: str, shard: Shard | None = None) -> pa.Array:
-        """The run ids that have a (joint_type, model_id) row (each once)."""
+        """The run ids that have a (joint_type, model_id) row (a run with two rows: twice)."""
         self.check_table("joint_embeddings")
         where = ""
         if shard is not None:
             where = " AND " + shard_condition(shard, "(entity_scope ->> 'run_id')", "postgresql")
         with self.conn.cursor() as cur:
             cur.execute(
-                "SELECT DISTINCT entity_scope ->> 'run_id' AS run_id FROM joint_embeddings"
+                "SELECT entity_scope ->> 'run_id' AS run_id FROM joint_embeddings"
                 f" WHERE joint_type = $1 AND model_id = $2 AND (entity_scope ->> 'run_id') IS NOT NULL{where}",
                 (joint_type, model_id),
             )
