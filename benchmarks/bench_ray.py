@@ -186,7 +186,11 @@ def print_comparison(n: int, result: dict) -> None:
             stages = " ".join(f"{st}={v:.1f}" for st, v in p["stage_seconds"].items())
             print(f"    shard {p['shard']}: {p['runs_read']:>8,} runs {p['seconds']:7.2f}s  [{stages}]  {p['peak_rss_mb']:.0f} MB  node {p['node'][:8]}")
         shard_time = max(p["seconds"] for p in s["per_shard"])
-        print(f"    job {s['elapsed_seconds']:.2f}s; the longest shard {shard_time:.2f}s; outside the shards (connect, workers starting, waiting for a CPU) {s['elapsed_seconds'] - sum(p['seconds'] for p in s['per_shard']) / k:.2f}s")
+        busy = sum(p["seconds"] for p in s["per_shard"]) / k
+        print(
+            f"    job {s['elapsed_seconds']:.2f}s; the longest shard {shard_time:.2f}s; the shards' seconds / {k} CPU(s) {busy:.2f}s;"
+            f" the rest (connecting, counting, workers starting, a CPU left idle at the end) {s['elapsed_seconds'] - busy:.2f}s"
+        )
 
 
 # --------------------------------------------------------------------------

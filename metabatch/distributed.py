@@ -156,19 +156,23 @@ def check_shards(shards: int | None) -> None:
 
 class _Tracker:
     """Collects the shards' progress on the driver's node (a Ray actor): per shard
-    its attempt, node and runs done. A shard that starts again starts from 0."""
+    its attempt, node and runs done. A shard that starts again starts from 0.
+
+    Tasks only send to it, never wait for it: a task waiting in ``ray.get``
+    lends its CPU to another task, and a node would run more shards at once
+    than it has CPUs. A task's calls arrive in order, and its attempt is told
+    apart by a token of its own."""
 
     def __init__(self):
         self.shards: dict[int, dict] = {}
 
-    def started(self, shard: int, node: str) -> int:
+    def started(self, shard: int, node: str, token: str) -> None:
         entry = self.shards.setdefault(shard, {"attempt": 0})
-        entry.update(attempt=entry["attempt"] + 1, node=node, runs=0, finished=False)
-        return entry["attempt"]
+        entry.update(attempt=entry["attempt"] + 1, node=node, runs=0, finished=False, token=token)
 
-    def progress(self, shard: int, attempt: int, runs: int, finished: bool = False) -> None:
+    def progress(self, shard: int, token: str, runs: int, finished: bool = False) -> None:
         entry = self.shards.get(shard)
-        if entry is not None and entry["attempt"] == attempt:
+        if entry is not None and entry.get("token") == token:
             entry["runs"], entry["finished"] = runs, finished
 
     def state(self) -> dict[int, dict]:
@@ -215,21 +219,21 @@ class _Reporter:
                 f"metabatch {__version__} on node {_node_id()[:12]}, {driver_version} on the driver",
                 "install the same metabatch version on every node of the cluster",
             )
+        import uuid
+
         self.tracker, self.shard = tracker, shard
         self.node = _node_id()
-        self.attempt = tracker.started.remote(shard.index, self.node)
-        import ray
-
-        self.attempt = ray.get(self.attempt)
+        self.token = uuid.uuid4().hex
+        tracker.started.remote(shard.index, self.node, self.token)
         self.started = time.perf_counter()
 
     def progress(self, done: int, total: int | None = None) -> None:
-        self.tracker.progress.remote(self.shard.index, self.attempt, done)
+        self.tracker.progress.remote(self.shard.index, self.token, done)
 
     def finish(self, done: int) -> dict:
-        self.tracker.progress.remote(self.shard.index, self.attempt, done, True)
+        self.tracker.progress.remote(self.shard.index, self.token, done, True)
         return {
-            "shard": self.shard.index, "node": self.node, "attempt": self.attempt,
+            "shard": self.shard.index, "node": self.node,
             "seconds": round(time.perf_counter() - self.started, 3), "peak_rss_mb": round(_peak_rss_mb(), 1),
         }
 
