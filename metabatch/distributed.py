@@ -1,5 +1,10 @@
 """Ray: backfill, fit and export-parquet sharded over the nodes of a Ray cluster.
 
+The Python API of `--ray`: ``ray_backfill``, ``ray_fit`` and ``ray_export``
+take what ``backfill.backfill``, ``models.fit`` and ``snapshot.export_parquet``
+take, plus ``address`` (a Ray cluster; "auto": RAY_ADDRESS, else the cluster
+this machine belongs to) and ``shards``, and return the same summaries.
+
 The selection (strategy ids, dates, limit) is split into shards by a hash of
 run_id (``shards``); each shard is one Ray task that runs the job's own
 pipeline on its runs, with its own database connections:
