@@ -116,7 +116,12 @@ class LocalCluster:
         return {**os.environ, "RAY_ADDRESS": self.cluster.address}
 
     def close(self) -> None:
+        import shutil
+
+        session = self.cluster.head_node.get_session_dir_path() if self.cluster.head_node else None
         self.cluster.shutdown()
+        if session:
+            shutil.rmtree(session, ignore_errors=True)  # this cluster's logs
 
 
 def ray_backfill(url: str, nodes: int, extra: list[str] = ()) -> dict:
