@@ -28,7 +28,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from .embed import DEFAULT_MODEL_ID, Weights
+from .embed import DEFAULT_MODEL_ID, JOINT_TYPE, Weights
 from .encode import DIM
 from .encoders.base import Encoder
 from .errors import ConnectionLost, MetabatchError
@@ -133,6 +133,13 @@ class BackfillSummary:
     encoder: str = "v1"
     fitted: dict | None = None  # the fit's summary when the model was fitted on first use
     unseen_config_paths: list[str] = field(default_factory=list)  # v2: config paths the fit did not see
+    already_embedded: int = 0  # --missing: selected runs left alone, having a row of the model id
+    # a job sharded over a Ray cluster (``distributed``): shards, the nodes that ran
+    # them, the shard tasks Ray ran again (a node lost), and per shard its summary
+    shards: int = 1
+    nodes: int = 1
+    task_retries: int = 0
+    per_shard: list[dict] = field(default_factory=list)
 
     @property
     def runs_per_second(self) -> float:
@@ -155,6 +162,11 @@ class BackfillSummary:
             "encoder": self.encoder,
             "fitted_now": self.fitted,
             "unseen_config_paths": self.unseen_config_paths,
+            "already_embedded": self.already_embedded,
+            "shards": self.shards,
+            "nodes": self.nodes,
+            "task_retries": self.task_retries,
+            **({"per_shard": self.per_shard} if self.per_shard else {}),
         }
 
 
@@ -181,8 +193,19 @@ def backfill(
     on_retry: Callable[[ConnectionLost, int, float], None] | None = None,
     weights_given: bool = False,
     encoder: Encoder | None = None,
+    missing: bool = False,
+    embedded: pa.Array | None = None,
+    count_total: bool = True,
 ) -> BackfillSummary:
     """Embed the selected runs and write them; see the module docstring.
+
+    ``missing``: only the selected runs that have no row of the model id yet
+    (their run ids are read from the historical store, which may be another
+    server, and skipped; or given as ``embedded``); ``summary.already_embedded``
+    counts the others (the selected runs counted when the job starts, less the
+    runs read). ``count_total=False``: count nothing before the first batch
+    (``on_progress`` gets no total, ``already_embedded`` stays 0), as a shard
+    of a sharded job does (its driver counts once for the whole job).
 
     ``model_id``: a registered model embeds with its own encoder and weights
     (``weights_given`` is then a usage error), any other id with v1 and
@@ -203,7 +226,8 @@ def backfill(
         from .models import encoder_for
 
         encoder, fitted = encoder_for(runtime_url, historical_url, model_id, weights, weights_given, selection)
-    job = _Job(runtime_url, historical_url, selection, encoder, batch_rows, on_progress)
+    job = _Job(runtime_url, historical_url, selection, encoder, batch_rows, on_progress, missing, count_total)
+    job.embedded = embedded
     job.summary.fitted = fitted.as_dict() if fitted else None
     attempts = Retries(retries, on_retry)
     try:
@@ -217,6 +241,8 @@ def backfill(
         ) from exc
     finally:
         job.summary.retries = attempts.made
+    if job.selected is not None:
+        job.summary.already_embedded = max(0, job.selected - job.summary.runs_read)
     job.summary.unseen_config_paths = sorted(getattr(encoder, "unseen_config_paths", ()))
     job.summary.elapsed_seconds = time.perf_counter() - started
     return job.summary
@@ -226,7 +252,7 @@ class _Job:
     """One backfill: its settings, the summary of the batches committed and
     their run ids, which a retry skips."""
 
-    def __init__(self, runtime_url, historical_url, selection, encoder: Encoder, batch_rows, on_progress):
+    def __init__(self, runtime_url, historical_url, selection, encoder: Encoder, batch_rows, on_progress, missing=False, count_total=True):
         self.runtime_url, self.historical_url = runtime_url, historical_url
         self.selection, self.encoder, self.model_id = selection, encoder, encoder.model_id
         self.batch_rows, self.on_progress = batch_rows, on_progress
@@ -235,6 +261,9 @@ class _Job:
         self.buffers = _VectorBuffers(batch_rows)
         self.total: int | None = None
         self.done_ids: list[pa.Array] = []  # 1M runs: about 20 MB
+        self.missing, self.count_total = missing, count_total
+        self.embedded: pa.Array | None = None  # --missing: the run ids that have a row already
+        self.selected: int | None = None  # --missing: the runs selected when the job started
 
     def run(self, first: bool = True) -> None:
         """Read, embed and write the selected runs not written yet, each batch
@@ -247,16 +276,31 @@ class _Job:
         encode_seconds = {"unnest": 0.0, "encode": 0.0, "combine": 0.0}
         write_seconds = {"write": 0.0}
         try:
-            # the total is for a progress bar only: counting costs a scan of the
-            # runs before the first batch (3.7 s of a 50 s job at 1M runs)
             reader_store.check_table("backtest_runs")
-            if self.on_progress and first:
+            embedded_of = None
+            if self.missing:
+                writer_store = open_for_attempt(self.historical_url, first)
+                writer_store.check_table("joint_embeddings")
+                if self.embedded is None and self.runtime_url.raw == self.historical_url.raw:
+                    # one database: the read leaves them out itself (an anti join, no ids moved)
+                    embedded_of = (JOINT_TYPE, self.model_id)
+                elif self.embedded is None:
+                    self.embedded = writer_store.embedded_run_ids(JOINT_TYPE, self.model_id, self.selection.shard)
+            if first and self.missing and self.count_total:
+                # the runs selected now; those not read by the end were embedded already
+                # (the runs to read are not counted: their anti join costs as much as the read)
+                self.selected = reader_store.count_runs(self.selection)
+            elif self.on_progress and first and self.count_total:
+                # the total is for a progress bar only: counting reads the index
+                # backtest_runs_shard_run (0.1 s at 1M runs; a scan of the table without it)
                 self.total = reader_store.count_runs(self.selection)
-            skip = pa.concat_arrays(self.done_ids) if self.done_ids else None
-            stages.append(Prefetch(self._prepared(reader_store, skip, read_seconds)))
-            # the historical store is opened while the first batch is read
-            writer_store = open_for_attempt(self.historical_url, first)
-            writer_store.check_table("joint_embeddings")
+            skipped = [ids.cast(pa.string()) for ids in (self.embedded, *self.done_ids) if ids is not None and len(ids)]
+            skip = pa.concat_arrays(skipped) if skipped else None
+            stages.append(Prefetch(self._prepared(reader_store, skip, read_seconds, embedded_of)))
+            if writer_store is None:
+                # the historical store is opened while the first batch is read
+                writer_store = open_for_attempt(self.historical_url, first)
+                writer_store.check_table("joint_embeddings")
             if self.on_progress and first:
                 self.on_progress(0, self.total)
             stages.append(Prefetch(self._embedded(stages[-1], encode_seconds)))
@@ -274,12 +318,13 @@ class _Job:
                 for stage, value in seconds.items():
                     self.summary.stage_seconds[stage] += value
 
-    def _prepared(self, store, skip: pa.Array | None, seconds: dict) -> Iterator:
+    def _prepared(self, store, skip: pa.Array | None, seconds: dict, embedded_of: tuple[str, str] | None = None) -> Iterator:
         """The reader thread: batches of runs with part of their work done
-        (the encoder's ``prepare``), but for the runs in ``skip``."""
+        (the encoder's ``prepare``), but for the runs in ``skip`` (and those with
+        a row of ``embedded_of`` in the same database)."""
         con = _one_thread_duckdb()
         rows = self.batch_rows
-        batches = read_runs(store, self.selection, rows, first_batch_rows(rows), last_batch_rows(rows), seconds, skip)
+        batches = read_runs(store, self.selection, rows, first_batch_rows(rows), last_batch_rows(rows), seconds, skip, embedded_of)
         try:
             for runs in batches:
                 t0 = time.perf_counter()
@@ -307,7 +352,7 @@ class _Job:
         """The writer thread: writes each batch in one transaction."""
         for run_ids, batch, buffer in embedded:
             t0 = time.perf_counter()
-            written = write_batch(store, batch, self.model_id)
+            written = write_batch(store, batch, self.model_id, self.selection.shard.buckets if self.selection.shard else None)
             seconds["write"] += time.perf_counter() - t0
             self.buffers.give_back(buffer)  # its rows are written: it may be filled again
             yield _Committed(run_ids, written, batch.skipped, batch.rejected)

@@ -206,6 +206,47 @@ def retries_note(retries: int, before: str) -> str:
     return f"{before}{retries} {'retry' if retries == 1 else 'retries'} after a lost connection"
 
 
+def ray_options(func):
+    """--ray [auto|ADDRESS] and --shards N: run the job sharded over a Ray cluster."""
+    func = click.option(
+        "--shards", type=click.IntRange(min=1, max=256), metavar="N",
+        help="With --ray: split the runs into N shards, one Ray task each [default: 2 per CPU of the cluster; at most 256].",
+    )(func)
+    return click.option(
+        "--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[auto|ADDRESS]",
+        help=(
+            "Run sharded over a Ray cluster (pip install 'metabatch[ray]'): `auto` (or --ray alone) is $RAY_ADDRESS, "
+            "else the cluster this machine belongs to (`ray start --head`); or the cluster's HOST:PORT. PostgreSQL stores only."
+        ),
+    )(func)
+
+
+def check_ray_options(ray_address, shards) -> None:
+    if shards is not None and ray_address is None:
+        raise click.UsageError("--shards needs --ray")
+
+
+def ray_reporter(quiet: bool, label: str):
+    """A callback (JobProgress) drawing one progress bar over every shard of a
+    Ray job, on a terminal; runs done only grow (a shard run again counts once)."""
+    report, finish = progress_reporter(quiet, label)
+    if report is None:
+        return None, finish
+    best = {"runs": 0}
+
+    def on_progress(progress):
+        best["runs"] = max(best["runs"], progress.runs)
+        report(best["runs"], progress.total)
+
+    return on_progress, finish
+
+
+def ray_note(summary) -> str:
+    """For a summary line: ' on 6 shards, 3 nodes (1 shard run again)'."""
+    again = f" ({summary.task_retries} shard task{'s' if summary.task_retries != 1 else ''} run again)" if summary.task_retries else ""
+    return f" on {summary.shards} shards, {summary.nodes} node{'s' if summary.nodes != 1 else ''}{again}"
+
+
 # --------------------------------------------------------------------------
 # The group: errors in one place
 
@@ -342,11 +383,16 @@ def _model_id(value: str, option: str = "--joint-model-id") -> str:
     "joint-meta-config-env-v2 is fitted with the defaults on first use.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=25_000, show_default=True, help="Runs per batch (and per transaction).")
+@click.option(
+    "--missing", is_flag=True,
+    help="Only the selected runs that have no row of this model id yet (runs added since the last backfill); the others are counted, not read.",
+)
 @retries_option("resume with the runs not yet written")
+@ray_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.pass_context
-def backfill(ctx, urls, strategy_ids, start, end, limit, w_config, w_env, w_outcome, joint_model_id, batch_size, retries, quiet, as_json):
+def backfill(ctx, urls, strategy_ids, start, end, limit, w_config, w_env, w_outcome, joint_model_id, batch_size, missing, retries, ray_address, shards, quiet, as_json):
     """Embed backtest_runs into joint_embeddings (idempotent, batch by batch).
 
     Reruns replace the rows of the runs they write, so running the same
@@ -363,33 +409,50 @@ def backfill(ctx, urls, strategy_ids, start, end, limit, w_config, w_env, w_outc
           --joint-model-id joint-meta-config-env-v1
       metabatch backfill --joint-model-id my-v2        # a model fitted with `metabatch fit`
       metabatch backfill --batch-size 10000 --retries 10
+      metabatch backfill --missing --joint-model-id my-v2   # only runs added since
+      metabatch backfill --ray auto --joint-model-id my-v2  # sharded over a Ray cluster
     """
     from .backfill import backfill as run_backfill
     from .embed import Weights
 
     if not (w_config > 0 or w_env > 0 or w_outcome > 0):
         raise click.UsageError("at least one of --w-config, --w-env, --w-outcome must be > 0")
+    check_ray_options(ray_address, shards)
     selection = _selection(strategy_ids, start, end, limit)
     _model_id(joint_model_id)
     weights_given = any(
         ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT for name in ("w_config", "w_env", "w_outcome")
     )
-    report, finish = progress_reporter(quiet or as_json, "backfill")
-    try:
-        summary = run_backfill(
-            urls.runtime,
-            urls.historical,
-            selection,
-            Weights(w_config, w_env, w_outcome),
-            joint_model_id,
-            batch_size,
-            on_progress=report,
-            weights_given=weights_given,
-            retries=retries,
-            on_retry=retry_reporter(retries),
-        )
-    finally:
-        finish()
+    if ray_address is not None:
+        from .distributed import ray_backfill
+
+        report, finish = ray_reporter(quiet or as_json, "backfill")
+        try:
+            summary = ray_backfill(
+                urls.runtime, urls.historical, selection, Weights(w_config, w_env, w_outcome), joint_model_id, batch_size,
+                on_progress=report, address=ray_address, shards=shards, retries=retries, weights_given=weights_given,
+                missing=missing,
+            )
+        finally:
+            finish()
+    else:
+        report, finish = progress_reporter(quiet or as_json, "backfill")
+        try:
+            summary = run_backfill(
+                urls.runtime,
+                urls.historical,
+                selection,
+                Weights(w_config, w_env, w_outcome),
+                joint_model_id,
+                batch_size,
+                on_progress=report,
+                weights_given=weights_given,
+                retries=retries,
+                on_retry=retry_reporter(retries),
+                missing=missing,
+            )
+        finally:
+            finish()
     if as_json:
         click.echo(json.dumps(summary.as_dict()))
         return
@@ -402,6 +465,8 @@ def backfill(ctx, urls, strategy_ids, start, end, limit, w_config, w_env, w_outc
     click.echo(
         f"model {summary.model_id} ({summary.encoder}): runs read {summary.runs_read}, written {summary.written}, "
         f"skipped {summary.skipped} (no branch taken), rejected {len(summary.rejected)}" + retries_note(summary.retries, ", ")
+        + (f", {summary.already_embedded} already embedded (left alone)" if missing else "")
+        + (ray_note(summary) if ray_address is not None else "")
     )
     for run_id, reason in summary.rejected[:10]:
         click.echo(f"  rejected {run_id}: {reason}")
@@ -428,9 +493,10 @@ def backfill(ctx, urls, strategy_ids, start, end, limit, w_config, w_env, w_outc
 @click.option("--refit", is_flag=True, help="Replace a model already fitted under this id and delete its embeddings.")
 @click.option("--sample-runs", type=click.IntRange(min=100), default=20_000, show_default=True, help="Runs in the fit's sample.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=25_000, show_default=True, help="Runs read per batch.")
+@ray_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def fit(urls, strategy_ids, start, end, limit, joint_model_id, model_file, refit, sample_runs, batch_size, quiet, as_json):
+def fit(urls, strategy_ids, start, end, limit, joint_model_id, model_file, refit, sample_runs, batch_size, ray_address, shards, quiet, as_json):
     """Fit a v2 model on the selected runs and register it in joint_models.
 
     Streams the runs (bounded memory), draws a sample of up to --sample-runs
@@ -445,20 +511,34 @@ def fit(urls, strategy_ids, start, end, limit, joint_model_id, model_file, refit
     Example:
       metabatch fit --joint-model-id my-v2 --model-file model.toml
       metabatch backfill --joint-model-id my-v2
+      metabatch fit --ray auto --joint-model-id my-v2 --model-file model.toml
     """
     from .modelfile import ModelSpec, load_model_file
     from .models import fit as run_fit
 
+    check_ray_options(ray_address, shards)
     selection = _selection(strategy_ids, start, end, limit)
     spec = load_model_file(model_file) if model_file else ModelSpec()
-    report, finish = progress_reporter(quiet or as_json, "fit")
-    try:
-        summary = run_fit(
-            urls.runtime, urls.historical, _model_id(joint_model_id), spec, selection,
-            refit=refit, batch_rows=batch_size, sample_runs=sample_runs, on_progress=report,
-        )
-    finally:
-        finish()
+    if ray_address is not None:
+        from .distributed import ray_fit
+
+        report, finish = ray_reporter(quiet or as_json, "fit")
+        try:
+            summary = ray_fit(
+                urls.runtime, urls.historical, _model_id(joint_model_id), spec, selection, refit=refit,
+                batch_rows=batch_size, sample_runs=sample_runs, on_progress=report, address=ray_address, shards=shards,
+            )
+        finally:
+            finish()
+    else:
+        report, finish = progress_reporter(quiet or as_json, "fit")
+        try:
+            summary = run_fit(
+                urls.runtime, urls.historical, _model_id(joint_model_id), spec, selection,
+                refit=refit, batch_rows=batch_size, sample_runs=sample_runs, on_progress=report,
+            )
+        finally:
+            finish()
     if as_json:
         click.echo(json.dumps(summary.as_dict()))
         return
@@ -588,9 +668,10 @@ def _selection_text(selection: dict) -> str:
 @click.option("--start", type=DATE, help="Only embeddings with as_of_date >= this date (runs: end_date).")
 @click.option("--end", type=DATE, help="Only embeddings with as_of_date <= this date (runs: end_date).")
 @retries_option("start the export again")
+@ray_options
 @click.option("--quiet", is_flag=True, help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def export_parquet(urls, out, model_id, strategy_ids, start, end, retries, quiet, as_json):
+def export_parquet(urls, out, model_id, strategy_ids, start, end, retries, ray_address, shards, quiet, as_json):
     """Write a Parquet snapshot of joint_embeddings and their runs for DuckDB.
 
     DIR gets embeddings/model_id=<id>/*.parquet (the vector as FLOAT[384],
@@ -606,27 +687,41 @@ def export_parquet(urls, out, model_id, strategy_ids, start, end, retries, quiet
       metabatch export-parquet --out ./snapshot --model-id joint-meta-config-env-v1 \\
           --strategy-id US_EQ_CORE_LONG_EQ --start 2025-01-01 --end 2025-12-31
       metabatch export-parquet --out ./snapshot --retries 10
+      metabatch export-parquet --ray auto --out /shared/snapshot   # a folder every node sees
     """
     from .snapshot import export_parquet as run_export
 
     if start and end and start > end:
         raise click.UsageError(f"--start {start} is after --end {end}")
-    report, finish = count_reporter(quiet or as_json, "export", "embeddings written")
-    try:
-        summary = run_export(
-            out, urls.historical, urls.runtime,
-            model_id=model_id, strategy_id=strategy_ids, start=start, end=end,
-            on_progress=report, retries=retries, on_retry=retry_reporter(retries),
-        )
-    finally:
-        finish()
+    check_ray_options(ray_address, shards)
+    if ray_address is not None:
+        from .distributed import ray_export
+
+        report, finish = ray_reporter(quiet or as_json, "export")
+        try:
+            summary = ray_export(
+                out, urls.historical, urls.runtime, model_id=model_id, strategy_id=strategy_ids, start=start, end=end,
+                on_progress=report, retries=retries, address=ray_address, shards=shards,
+            )
+        finally:
+            finish()
+    else:
+        report, finish = count_reporter(quiet or as_json, "export", "embeddings written")
+        try:
+            summary = run_export(
+                out, urls.historical, urls.runtime,
+                model_id=model_id, strategy_id=strategy_ids, start=start, end=end,
+                on_progress=report, retries=retries, on_retry=retry_reporter(retries),
+            )
+        finally:
+            finish()
     if as_json:
         click.echo(json.dumps(summary.as_dict()))
         return
     models = ", ".join(f"{m} {n:,}" for m, n in summary.models.items()) or "none"
     click.echo(
         f"snapshot {summary.path}: {summary.embeddings:,} embeddings ({models}), {summary.runs:,} runs"
-        + retries_note(summary.retries, " ")
+        + retries_note(summary.retries, " ") + (ray_note(summary) if ray_address is not None else "")
     )
     if summary.metric_columns:
         click.echo(f"  metric columns in runs: {', '.join(summary.metric_columns)}")

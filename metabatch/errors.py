@@ -20,6 +20,17 @@ class MetabatchError(Exception):
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
+    def __reduce__(self):
+        # pickled whole (a shard's error comes back from a Ray worker), the hint included
+        return (_rebuild, (type(self), self.message, self.hint, self.__dict__))
+
+
+def _rebuild(cls, message, hint, state):
+    error = Exception.__new__(cls)
+    MetabatchError.__init__(error, message, hint)
+    error.__dict__.update(state)
+    return error
+
 
 class StoreUnreachable(MetabatchError):
     """The database named by a URL cannot be reached or opened."""

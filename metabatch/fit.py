@@ -161,6 +161,19 @@ class RunSample:
             table = table.take(pa.array(np.sort(keep)))
         self.kept = table
 
+    def merge(self, runs: int, kept: pa.Table | None) -> None:
+        """Add the sample of another stream (its ``runs`` and ``kept``: a shard's,
+        drawn with the same size): the result is the sample of both streams
+        together, as if their runs had come through ``add``."""
+        self.runs += runs
+        if kept is None or not kept.num_rows:
+            return
+        table = kept if self.kept is None else pa.concat_tables([self.kept, kept]).combine_chunks()
+        if table.num_rows > self.size:
+            h = table.column("sample_hash").to_numpy()
+            table = table.take(pa.array(np.sort(np.argpartition(h, self.size - 1)[: self.size])))
+        self.kept = table
+
     def table(self) -> pa.Table:
         if self.kept is None:
             return _sample_columns(pa.table({"run_id": pa.array([], pa.string()), "config_json": pa.array([], pa.string()), "metrics_json": pa.array([], pa.string())}))

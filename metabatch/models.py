@@ -149,12 +149,13 @@ def fit(
     sample_runs: int = SAMPLE_RUNS,
     on_progress: Callable[[int, int | None], None] | None = None,
     options: FitOptions = FitOptions(),
+    draw: Callable[..., RunSample] | None = None,
 ) -> FitSummary:
     """Fit ``spec`` (the defaults when None) on the selected runs and register it
     as ``model_id``; see the module docstring. ``options``: the fit's choices
-    (``fit.FitOptions``; the retrieval benchmark compares them)."""
-    from .read import read_runs
-
+    (``fit.FitOptions``; the retrieval benchmark compares them). ``draw``: how
+    the sample is drawn (``draw_sample``'s arguments; ``distributed`` draws it
+    shard by shard on a Ray cluster)."""
     started = time.perf_counter()
     historical_url = historical_url or runtime_url
     spec = spec or ModelSpec()
@@ -181,17 +182,7 @@ def fit(
         if spec.encoder == "v1":
             params = {"encoder": "v1", "weights": dict(spec.weights)}
         else:
-            sample = RunSample(sample_runs)
-            runs = open_store(runtime_url)
-            try:
-                runs.check_table("backtest_runs")
-                total = runs.count_runs(selection) if on_progress else None
-                for batch in read_runs(runs, selection, batch_rows):
-                    sample.add(batch)
-                    if on_progress:
-                        on_progress(sample.runs, total)
-            finally:
-                runs.close()
+            sample = (draw or draw_sample)(runtime_url, selection, batch_rows, sample_runs, on_progress)
             if not sample.runs:
                 raise BadInput("no runs selected to fit on (runs need metrics_json; check --strategy-id, --start, --end)")
             model = fit_model(sample.table(), spec, sample.runs, options=options)
@@ -213,6 +204,33 @@ def fit(
         history.close()
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def draw_sample(
+    runtime_url: DatabaseURL,
+    selection: RunSelection,
+    batch_rows: int = 25_000,
+    sample_runs: int = SAMPLE_RUNS,
+    on_progress: Callable[[int, int | None], None] | None = None,
+    count_total: bool = True,
+) -> RunSample:
+    """The fit's sample (``fit.RunSample``) of the selected runs, streamed from the
+    runtime store. ``on_progress(runs_read, total)``; the total is counted first
+    unless ``count_total`` is False."""
+    from .read import read_runs
+
+    sample = RunSample(sample_runs)
+    runs = open_store(runtime_url)
+    try:
+        runs.check_table("backtest_runs")
+        total = runs.count_runs(selection) if on_progress and count_total else None
+        for batch in read_runs(runs, selection, batch_rows):
+            sample.add(batch)
+            if on_progress:
+                on_progress(sample.runs, total)
+    finally:
+        runs.close()
+    return sample
 
 
 def selection_dict(selection: RunSelection) -> dict:
@@ -253,15 +271,17 @@ def encoder_for(
     weights: Weights = Weights(),
     weights_given: bool = False,
     selection: RunSelection = RunSelection(),
+    draw: Callable[..., RunSample] | None = None,
 ) -> tuple[V1Encoder | V2Encoder, FitSummary | None]:
     """The encoder for ``model_id`` and, when the built-in v2 id was fitted now,
     that fit's summary. ``weights`` apply to unregistered (v1) ids only:
-    ``weights_given`` with a registered model is a usage error."""
+    ``weights_given`` with a registered model is a usage error. ``draw``: as
+    for ``fit``."""
     check_model_id(model_id)
     model = registered(historical_url, model_id)
     fitted = None
     if model is None and model_id == BUILTIN_V2:
-        fitted = fit(runtime_url, historical_url, model_id, ModelSpec(), selection)
+        fitted = fit(runtime_url, historical_url, model_id, ModelSpec(), selection, draw=draw)
         model = registered(historical_url, model_id)
     if model is None:
         return V1Encoder(weights, model_id), None

@@ -44,6 +44,7 @@ def read_runs(
     last_rows: int | None = None,
     seconds: dict | None = None,
     skip: pa.Array | None = None,
+    embedded: tuple[str, str] | None = None,
 ) -> Iterator[pa.Table]:
     """``first_rows``: start with a smaller batch and double the size up to
     ``batch_rows``, so that a pipeline that waits for the first batches (the
@@ -51,9 +52,11 @@ def read_runs(
     the runs left are halved down to at the end (by default ``batch_rows``,
     which turns halving off). ``seconds``: the fetch thread adds the time it
     spends getting record batches from the store to ``seconds["read"]``.
-    ``skip``: run ids not to read (see ``Store.read_runs``)."""
+    ``skip``: run ids not to read; ``embedded``: leave out the runs with a row
+    of this (joint_type, model_id) (see ``Store.read_runs``)."""
     last_rows = batch_rows if last_rows is None else max(1, min(last_rows, batch_rows))
-    ahead = _ReadAhead(store.read_runs(selection, skip), batch_rows + batch_rows // 2, seconds)
+    runs = store.read_runs(selection, skip, embedded) if embedded is not None else store.read_runs(selection, skip)
+    ahead = _ReadAhead(runs, batch_rows + batch_rows // 2, seconds)
     try:
         size = min(first_rows or batch_rows, batch_rows)
         while True:

@@ -218,7 +218,11 @@ def _load(folder: Path, manifest: dict, model_id: str, strategy_ids, start, end)
         meta = pl.from_arrow(pa.ipc.open_file(source).read_all().select(["joint_id", *RUN_COLUMNS, "dim", "vector_row"]))
     meta = meta.filter((pl.col("dim") == DIM) & pl.col("vector_row").is_not_null() & pl.col("run_id").is_not_null())
     if _has_duplicates(meta.get_column("run_id")):  # a run's latest embedding only
-        meta = meta.sort("joint_id", descending=True).unique("run_id", keep="first").sort("vector_row")
+        meta = meta.sort("joint_id", descending=True).unique("run_id", keep="first")
+    # in run_id order, not the files' (the order the database sent the rows, or a
+    # sharded export's shard order): what a seeded k-means or a sample draws then
+    # depends on the runs alone, so every export of the same rows answers the same
+    meta = meta.sort("run_id")
     if strategy_ids:
         meta = meta.filter(pl.col("strategy_id").is_in(list(strategy_ids)))
     if start is not None:
@@ -238,7 +242,7 @@ def _load(folder: Path, manifest: dict, model_id: str, strategy_ids, start, end)
     return Space(
         model=model, runs=runs, matrix=matrix, rows=meta.get_column("vector_row").to_numpy(),
         folder=folder, manifest=manifest, env_values=env, metric_columns=metric_columns,
-        rank=meta.get_column("run_id").rank("ordinal").to_numpy().astype(np.int64), locations=locations, env_unit=env_unit,
+        rank=np.arange(1, meta.height + 1, dtype=np.int64), locations=locations, env_unit=env_unit,
     )
 
 

@@ -11,8 +11,10 @@ from .embed import JOINT_TYPE, EmbeddedBatch
 from .stores.base import Store
 
 
-def write_batch(store: Store, batch: EmbeddedBatch, model_id: str) -> int:
-    """Write one batch atomically; returns the number of rows written."""
+def write_batch(store: Store, batch: EmbeddedBatch, model_id: str, buckets=None) -> int:
+    """Write one batch atomically; returns the number of rows written. ``buckets``:
+    the shard buckets of the batch's runs, when the job is one shard of a sharded
+    job (see ``Store.replace_embeddings``)."""
     if batch.rows.num_rows:
-        store.replace_embeddings(batch.rows, JOINT_TYPE, model_id)
+        store.replace_embeddings(batch.rows, JOINT_TYPE, model_id, buckets)
     return batch.rows.num_rows

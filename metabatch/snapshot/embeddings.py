@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..embed import DIM
-from .vectors import VectorFile, l2_norms, vector_dims, vector_matrix
+from .vectors import SharedVectorFile, VectorFile, l2_norms, vector_dims, vector_matrix
 
 # Rows per Parquet row group, and per part file.
 EMBEDDING_GROUP_ROWS = 65_536
@@ -47,6 +47,22 @@ EMBEDDING_SCHEMA = pa.schema(
 def model_dir_name(model_id: str) -> str:
     """The hive folder of a model id (percent-encoded, so any id is one safe folder name)."""
     return "model_id=" + quote(model_id, safe="")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a writer puts its files: a local export writes every file whole; a
+    shard of a sharded export (``snapshot.sharded``) names its part files and
+    index table with ``prefix`` and writes its vectors into the ``.npy`` files
+    the driver made, from the row ``first_rows[(model_id, dim)]`` on (the row
+    numbers, ``vector_row``, are then the final ones)."""
+
+    prefix: str = ""
+    first_rows: dict | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.first_rows is not None
 
 
 @dataclass
@@ -77,8 +93,9 @@ class EmbeddingWriter:
     ``run_ids`` holds the run id of every embedding added.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, layout: Layout = Layout()):
         self.root = root
+        self.layout = layout
         self.models: dict[str, _ModelFiles] = {}
         self.run_ids: list[pa.Array] = []
         # model id -> (start, stop) of its env slice (v2 models): written again,
@@ -94,7 +111,13 @@ class EmbeddingWriter:
         files = self._files(model_id)
         if dim not in files.vectors:
             name = f"d{dim}.npy" if isinstance(dim, int) else f"{dim}.npy"
-            files.vectors[dim] = VectorFile(self.root / "index" / model_dir_name(model_id) / name, width or dim)
+            path = self.root / "index" / model_dir_name(model_id) / name
+            if self.layout.sharded:
+                # the env slices have the rows of the model's DIM vectors
+                first = self.layout.first_rows[(model_id, dim if isinstance(dim, int) else DIM)]
+                files.vectors[dim] = SharedVectorFile(path, width or dim, first)
+            else:
+                files.vectors[dim] = VectorFile(path, width or dim)
         return files.vectors[dim]
 
     def _append(self, model_id: str, dim: int, matrix: np.ndarray) -> int:
@@ -168,9 +191,10 @@ class EmbeddingWriter:
         return [self._flush(files)] if files.pending_rows >= EMBEDDING_PART_ROWS else []
 
     def _flush(self, files: _ModelFiles) -> Part:
-        path = self.root / "embeddings" / files.folder / f"part-{len(files.parts):05d}.parquet"
+        path = self.root / "embeddings" / files.folder / f"part-{self.layout.prefix}{len(files.parts):05d}.parquet"
         files.parts.append(path)
-        part = Part(path, self.root / "index" / files.folder / "meta.arrow", pa.concat_tables(files.pending))
+        meta = f"meta-{self.layout.prefix.rstrip('-')}.arrow" if self.layout.prefix else "meta.arrow"
+        part = Part(path, self.root / "index" / files.folder / meta, pa.concat_tables(files.pending))
         files.pending, files.pending_rows = [], 0
         return part
 
@@ -195,15 +219,17 @@ class EmbeddingWriter:
                 "rows": files.rows,
                 "path": f"embeddings/{files.folder}",
                 "files": [path.relative_to(self.root).as_posix() for path in files.parts],
-                "meta": f"index/{files.folder}/meta.arrow",
+                "meta": f"index/{files.folder}/" + (f"meta-{self.layout.prefix.rstrip('-')}.arrow" if self.layout.prefix else "meta.arrow"),
                 "vectors": {
-                    str(dim): {"path": v.path.relative_to(self.root).as_posix(), "rows": v.rows}
+                    str(dim): {"path": v.path.relative_to(self.root).as_posix(), "rows": v.rows - getattr(v, "first", 0)}
                     for dim, v in sorted((d, v) for d, v in files.vectors.items() if isinstance(d, int))
                 },
             }
             if "env" in files.vectors:
                 v = files.vectors["env"]
-                models[model_id]["env_unit"] = {"path": v.path.relative_to(self.root).as_posix(), "rows": v.rows, "width": v.dim}
+                models[model_id]["env_unit"] = {
+                    "path": v.path.relative_to(self.root).as_posix(), "rows": v.rows - getattr(v, "first", 0), "width": v.dim,
+                }
         return {"rows": sum(m["rows"] for m in models.values()), "models": models}
 
     def abort(self) -> None:

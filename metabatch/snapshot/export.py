@@ -30,7 +30,7 @@ from ..pipes import Prefetch, stop_all
 from ..retry import DEFAULT_RETRIES, Retries, open_for_attempt
 from ..stores.base import EmbeddingFilter, RunSelection
 from ..urls import DatabaseURL, parse_url
-from .embeddings import EmbeddingWriter, embedding_parts, write_parts
+from .embeddings import EmbeddingWriter, Layout, embedding_parts, write_parts
 from .manifest import make_manifest, write_manifest
 from .models import ModelWriter
 from .runs import RunWriter
@@ -52,6 +52,9 @@ class ExportSummary:
     seconds: float = 0.0
     retries: int = 0  # restarts after a lost connection
     manifest: dict = field(default_factory=dict)
+    shards: int = 1  # an export sharded over a Ray cluster: shards, nodes, shard tasks run again
+    nodes: int = 1
+    task_retries: int = 0
 
     def as_dict(self) -> dict:
         return {
@@ -62,6 +65,9 @@ class ExportSummary:
             "metric_columns": self.metric_columns,
             "seconds": round(self.seconds, 3),
             "retries": self.retries,
+            "shards": self.shards,
+            "nodes": self.nodes,
+            "task_retries": self.task_retries,
         }
 
 
@@ -114,7 +120,7 @@ def export_parquet(
     def attempt(first: bool) -> tuple[Path, tuple[dict, dict, dict]]:
         build = new_build_folder(out)
         try:
-            return build, _write_snapshot(build, historical, runtime, flt, selection, on_progress, first)
+            return build, write_files(build, historical, runtime, flt, selection, on_progress, first)
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
             raise
@@ -165,7 +171,7 @@ def _publish(build: Path, out: Path, manifest: dict) -> None:
         raise
 
 
-def _write_snapshot(
+def write_files(
     build: Path,
     historical: DatabaseURL,
     runtime: DatabaseURL,
@@ -173,13 +179,20 @@ def _write_snapshot(
     selection: RunSelection,
     on_progress: Callable[[int], None] | None,
     first: bool,
+    layout: Layout = Layout(),
+    snapshot_id: str | None = None,
 ) -> tuple[dict, dict, dict]:
     """Write the embeddings, index, runs and models files into ``build``; returns
     the manifest's ``embeddings``, ``runs`` and ``models`` sections. ``first``: the export's
-    first attempt (see ``open_for_attempt``)."""
+    first attempt (see ``open_for_attempt``).
+
+    A shard of a sharded export (``snapshot.sharded``) passes its ``layout``, the
+    historical database's exported ``snapshot_id`` it reads in, and ``flt`` and
+    ``selection`` of its shard; its ``models`` section names the env values it
+    wrote per model (``env_piece``), and the driver writes the models' files."""
     stores = []
     stages: list[Prefetch] = []
-    emb_writer = EmbeddingWriter(build)
+    emb_writer = EmbeddingWriter(build, layout)
     try:
         emb_store = open_for_attempt(historical, first, read_only=True)
         stores.append(emb_store)
@@ -189,8 +202,10 @@ def _write_snapshot(
         run_store.check_table("backtest_runs")
         wanted = [flt.model_id] if flt.model_id is not None else [m["model_id"] for m in emb_store.list_models()]
         model_writer = ModelWriter(build, [row for row in map(emb_store.read_model, wanted) if row is not None])
+        if snapshot_id is not None:
+            emb_store.read_in_snapshot(snapshot_id)
         emb_writer.env_slices = model_writer.env_slices()
-        run_writer = RunWriter(build, model_writer.add_runs)
+        run_writer = RunWriter(build, model_writer.add_runs, layout.prefix)
 
         def stage(source, ahead):
             stages.append(Prefetch(source, ahead))
@@ -213,6 +228,10 @@ def _write_snapshot(
         for table in prepared_runs:
             run_writer.write(table, run_ids)
         embeddings = emb_writer.section()
+        if layout.sharded:
+            name = f"env-{layout.prefix.rstrip('-')}.parquet"
+            pieces = {m: model_writer.write_env(m, run_ids, name) for m in sorted(set(embeddings["models"]) & set(model_writer.models))}
+            return embeddings, run_writer.section(), {m: {"env_piece": path} for m, path in pieces.items()}
         return embeddings, run_writer.section(), model_writer.section(embeddings["models"], run_ids)
     except BaseException:
         stop_all(stages)

@@ -51,22 +51,34 @@ class ModelWriter:
         """Write the files of the exported model ids; returns the manifest's ``models`` section."""
         section = {}
         for model_id in sorted(set(exported) & set(self.models)):
-            model = self.models[model_id]
-            folder = self.root / "models" / model_dir_name(model_id)
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "model.json").write_text(json.dumps(model.as_row(), sort_keys=True) + "\n")
-            entry = {
-                "encoder": model.encoder,
-                "file": (folder / "model.json").relative_to(self.root).as_posix(),
-                "content_hash": model.content_hash,
-                "fitted_runs": model.fitted_runs,
-            }
-            if model_id in self.env_parts:
-                parts = [t for t in self.env_parts[model_id] if t.num_rows]
-                if parts:
-                    table = pl.from_arrow(pa.concat_tables(parts)).filter(pl.col("run_id").is_in(pl.from_arrow(run_ids).implode()))
-                    # in the runs files' order (the same chunks, the same filter): readers line them up without a join
-                    table.unique("run_id", keep="first", maintain_order=True).write_parquet(folder / "env.parquet", compression="zstd")
-                    entry["env_values"] = (folder / "env.parquet").relative_to(self.root).as_posix()
-            section[model_id] = entry
+            section[model_id] = self.write_model(model_id)
+            env = self.write_env(model_id, run_ids)
+            if env is not None:
+                section[model_id]["env_values"] = env
         return section
+
+    def write_model(self, model_id: str) -> dict:
+        """``models/<model>/model.json``; returns its entry of the manifest's ``models``."""
+        model = self.models[model_id]
+        folder = self.root / "models" / model_dir_name(model_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model.json").write_text(json.dumps(model.as_row(), sort_keys=True) + "\n")
+        return {
+            "encoder": model.encoder,
+            "file": (folder / "model.json").relative_to(self.root).as_posix(),
+            "content_hash": model.content_hash,
+            "fitted_runs": model.fitted_runs,
+        }
+
+    def write_env(self, model_id: str, run_ids: pa.Array, name: str = "env.parquet") -> str | None:
+        """The env values of the runs in ``run_ids`` (a v2 model's), as ``models/<model>/<name>``,
+        in the runs files' order; returns its path in the snapshot (None: nothing to write)."""
+        parts = [t for t in self.env_parts.get(model_id, []) if t.num_rows]
+        if not parts:
+            return None
+        folder = self.root / "models" / model_dir_name(model_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        table = pl.from_arrow(pa.concat_tables(parts)).filter(pl.col("run_id").is_in(pl.from_arrow(run_ids).implode()))
+        # in the runs files' order (the same chunks, the same filter): readers line them up without a join
+        table.unique("run_id", keep="first", maintain_order=True).write_parquet(folder / name, compression="zstd")
+        return (folder / name).relative_to(self.root).as_posix()

@@ -63,8 +63,9 @@ def extract_metrics(con: duckdb.DuckDBPyConnection, runs: pa.Table, keys: Sequen
 class RunWriter:
     """Runs part files; metric columns grow as new numeric keys appear."""
 
-    def __init__(self, root: Path, on_chunk=None):
+    def __init__(self, root: Path, on_chunk=None, prefix: str = ""):
         self.root = root
+        self.prefix = prefix  # of the part files' names (a shard's, in a sharded export)
         self.on_chunk = on_chunk  # called with (con, runs) for each chunk: the models' env values
         self.keys: list[str] = []  # numeric metric keys known so far
         self.files: list[str] = []
@@ -109,7 +110,7 @@ class RunWriter:
             table = table.filter(keep)
         if not table.num_rows:
             return
-        path = self.root / "runs" / f"part-{len(self.files):05d}.parquet"
+        path = self.root / "runs" / f"part-{self.prefix}{len(self.files):05d}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(
             # small row groups: a config is read by its row (suggest, cluster) without decoding 65k others

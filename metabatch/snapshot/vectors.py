@@ -77,3 +77,32 @@ class VectorFile:
     def abort(self) -> None:
         """Close without finishing the header (the file is being thrown away)."""
         self.file.close()
+
+    @staticmethod
+    def allocate(path: Path, dim: int, rows: int) -> None:
+        """Make a ``.npy`` of ``rows`` x ``dim`` float32 (its header written, its data
+        not), which shards fill at their offsets (``SharedVectorFile``)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as file:
+            header = npy.header_data_from_array_1_0(np.empty((0, dim), dtype="<f4"))
+            header["shape"] = (rows, dim)
+            npy.write_array_header_1_0(file, header)
+            file.truncate(file.tell() + rows * dim * 4)
+
+
+class SharedVectorFile(VectorFile):
+    """Rows ``first`` onwards of a ``.npy`` that ``VectorFile.allocate`` made: a
+    shard of a sharded export appends its vectors there (row numbers are the
+    file's), and leaves the header alone."""
+
+    def __init__(self, path: Path, dim: int, first: int):
+        self.path, self.dim, self.rows, self.first = path, dim, first, first
+        self.file = open(path, "r+b")
+        self.file.seek(0)
+        npy.read_magic(self.file)
+        npy.read_array_header_1_0(self.file)
+        self.data_offset = self.file.tell()
+        self.file.seek(self.data_offset + first * dim * 4)
+
+    def close(self) -> None:
+        self.file.close()

@@ -14,6 +14,7 @@ from typing import Iterator, Protocol
 import pyarrow as pa
 
 from ..errors import MetabatchError, MissingTable
+from ..shards import Shard
 from ..urls import DatabaseURL
 
 # Columns of backtest_runs the pipeline reads, JSON as text (start_date: the
@@ -85,12 +86,15 @@ def model_row(values) -> dict:
 
 @dataclass(frozen=True)
 class RunSelection:
-    """Which runs a backfill reads (the spec's rules)."""
+    """Which runs a backfill reads (the spec's rules). ``shard``: only the
+    selected runs of one shard (``shards``), taken after the limit, so that
+    the shards of a selection are a partition of it."""
 
     strategy_ids: tuple[str, ...] = ()
     start: dt.date | None = None
     end: dt.date | None = None
     limit: int | None = None
+    shard: Shard | None = None
 
 
 @dataclass(frozen=True)
@@ -120,14 +124,20 @@ class Store(Protocol):
     def insert_runs(self, runs: pa.Table) -> int:
         """Insert runs (RUN columns plus start_date; JSON as text), skipping existing run_ids."""
 
-    def read_runs(self, selection: RunSelection, skip: pa.Array | None = None) -> Iterator[pa.RecordBatch]:
+    def read_runs(
+        self, selection: RunSelection, skip: pa.Array | None = None, embedded: tuple[str, str] | None = None
+    ) -> Iterator[pa.RecordBatch]:
         """Stream the selected runs (RUN_COLUMNS, JSON as text) in record batches;
         with ``skip``, the selected runs whose run_id is not in it (a resumed
-        job's runs already written: ``limit`` still picks the same runs)."""
+        job's runs already written: ``limit`` still picks the same runs); with
+        ``embedded`` (joint_type, model_id), the selected runs that have no row
+        of it in this database's joint_embeddings (``backfill --missing`` when
+        both tables are in one database)."""
 
-    def replace_embeddings(self, rows: pa.Table, joint_type: str, model_id: str) -> None:
+    def replace_embeddings(self, rows: pa.Table, joint_type: str, model_id: str, buckets=None) -> None:
         """In one transaction: delete the (joint_type, model_id) rows of the runs in
-        ``rows.run_id``, then insert ``rows``. Concurrent callers must not duplicate."""
+        ``rows.run_id``, then insert ``rows``. Concurrent callers must not duplicate.
+        ``buckets``: the shard buckets of the runs (a sharded job's writer), or None."""
 
     def stream_embeddings(self, flt: EmbeddingFilter) -> Iterator[pa.RecordBatch]:
         """joint_embeddings rows (EMBEDDING_READ_COLUMNS; vector as binary, run_id,

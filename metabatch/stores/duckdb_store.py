@@ -54,6 +54,7 @@ import pyarrow.compute as pc
 
 from ..errors import MetabatchError, MissingTable, StoreUnreachable
 from ..resources import resource_dir
+from ..shards import Shard, shard_condition
 from ..urls import DatabaseURL
 from .base import EmbeddingFilter, ModelExists, RunSelection, model_params, model_row, require_columns
 
@@ -298,9 +299,20 @@ class DuckDBStore:
 
     def count_runs(self, selection: RunSelection) -> int:
         self.check_table("backtest_runs")
+        query, params = self._selected_query(selection, "run_id")
+        (count,) = self.conn.sql(f"SELECT count(*) FROM ({query}) AS selected", params=params or None).fetchall()[0]
+        return int(count)
+
+    def _selected_query(self, selection: RunSelection, columns: str) -> tuple[str, list]:
+        """The query of the selected runs (the limit, then the shard) and its parameters."""
         where, params = self._where(selection, metrics_required=True)
-        (count,) = self.conn.sql(f"SELECT count(*) FROM backtest_runs{where}", params=params or None).fetchall()[0]
-        return int(count) if selection.limit is None else min(int(count), selection.limit)
+        query = f"SELECT {columns} FROM backtest_runs{where}"
+        if selection.limit is not None:
+            query += " ORDER BY end_date DESC, run_id DESC LIMIT ?"
+            params.append(int(selection.limit))
+        if selection.shard is not None:
+            query = f"SELECT * FROM ({query}) AS limited WHERE {shard_condition(selection.shard, 'run_id', 'duckdb')}"
+        return query, params
 
     def _stream(self, query: str, params: list, tables: dict | None = None) -> Iterator[pa.RecordBatch]:
         """The query's rows in record batches, read on a cursor of its own
@@ -316,28 +328,34 @@ class DuckDBStore:
         finally:
             cur.close()
 
-    def read_runs(self, selection: RunSelection, skip: pa.Array | None = None) -> Iterator[pa.RecordBatch]:
+    def read_runs(
+        self, selection: RunSelection, skip: pa.Array | None = None, embedded: tuple[str, str] | None = None
+    ) -> Iterator[pa.RecordBatch]:
         self.check_table("backtest_runs")
-        where, params = self._where(selection, metrics_required=True)
-        query = (
-            "SELECT run_id, strategy_id, universe_id, end_date,"
-            " CAST(config_json AS VARCHAR) AS config_json, CAST(metrics_json AS VARCHAR) AS metrics_json, start_date"
-            f" FROM backtest_runs{where}"
+        query, params = self._selected_query(
+            selection,
+            "run_id, strategy_id, universe_id, end_date,"
+            " CAST(config_json AS VARCHAR) AS config_json, CAST(metrics_json AS VARCHAR) AS metrics_json, start_date",
         )
-        if selection.limit is not None:
-            query += " ORDER BY end_date DESC, run_id DESC LIMIT ?"
-            params.append(int(selection.limit))
+        left_out, tables = [], {}
         if skip is not None and len(skip):
-            query = (
-                f"SELECT * FROM ({query}) AS selected WHERE NOT EXISTS"
-                " (SELECT 1 FROM mb_skip_runs s WHERE s.run_id = selected.run_id)"
+            left_out.append("NOT EXISTS (SELECT 1 FROM mb_skip_runs s WHERE s.run_id = selected.run_id)")
+            tables["mb_skip_runs"] = pa.table({"run_id": skip.cast(pa.string())})
+        if embedded is not None:
+            left_out.append(
+                "NOT EXISTS (SELECT 1 FROM joint_embeddings j WHERE j.joint_type = ? AND j.model_id = ?"
+                f" AND {_RUN_ID.replace('entity_scope', 'j.entity_scope')} = selected.run_id)"
             )
-            return self._stream(query, params, {"mb_skip_runs": pa.table({"run_id": skip.cast(pa.string())})})
-        return self._stream(query, params)
+            params = [*params, *embedded]
+        if left_out:
+            query = f"SELECT * FROM ({query}) AS selected WHERE " + " AND ".join(left_out)
+        return self._stream(query, params, tables)
 
     def stream_run_details(self, selection: RunSelection) -> Iterator[pa.RecordBatch]:
         self.check_table("backtest_runs")
         where, params = self._where(selection, metrics_required=False)
+        if selection.shard is not None:
+            where += (" AND " if where else " WHERE ") + shard_condition(selection.shard, "run_id", "duckdb")
         query = (
             "SELECT run_id, strategy_id, universe_id, start_date, end_date,"
             " CAST(config_json AS VARCHAR) AS config_json, CAST(metrics_json AS VARCHAR) AS metrics_json"
@@ -347,9 +365,10 @@ class DuckDBStore:
 
     # -- embeddings
 
-    def replace_embeddings(self, rows: pa.Table, joint_type: str, model_id: str) -> None:
+    def replace_embeddings(self, rows: pa.Table, joint_type: str, model_id: str, buckets=None) -> None:
         """Upsert one batch: a run's existing row is updated in place (its joint_id
-        stays), its duplicates are deleted, and new runs are inserted."""
+        stays), its duplicates are deleted, and new runs are inserted. (``buckets``:
+        unused; one process writes a file, its writes one at a time.)"""
         stage = pa.table(
             {
                 "run_id": _plain_text(rows.column("run_id")),
@@ -427,6 +446,8 @@ class DuckDBStore:
         if flt.end is not None:
             where.append("as_of_date <= ?")
             params.append(flt.end)
+        if extra.get("shard") is not None:
+            where.append(shard_condition(extra["shard"], _RUN_ID, "duckdb"))
         query = (
             "SELECT joint_id, joint_type, model_id, as_of_date,"
             " json_extract_string(entity_scope, '$.run_id') AS run_id,"
@@ -496,6 +517,17 @@ class DuckDBStore:
             except duckdb.Error as exc:
                 raise self._error("registering the model", exc) from None
         return int(deleted)
+
+    def embedded_run_ids(self, joint_type: str, model_id: str, shard: Shard | None = None) -> pa.Array:
+        """The run ids that have a (joint_type, model_id) row (a run with two rows: twice)."""
+        self.check_table("joint_embeddings")
+        where = f" AND {shard_condition(shard, _RUN_ID, 'duckdb')}" if shard is not None else ""
+        found = self.conn.sql(
+            f"SELECT {_RUN_ID} AS run_id FROM joint_embeddings"
+            f" WHERE joint_type = ? AND model_id = ? AND {_RUN_ID} IS NOT NULL{where}",
+            params=[joint_type, model_id],
+        ).to_arrow_table()
+        return _plain_text(found.column("run_id"))
 
     def count_embeddings(self, joint_type: str, model_id: str) -> int:
         self.check_table("joint_embeddings")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import adbc_driver_manager
 import adbc_driver_postgresql.dbapi as adbc
@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from ..errors import ConnectionLost, StoreUnreachable
 from ..resources import resource_dir
 from ..urls import DatabaseURL
+from ..shards import Shard, bucket_sql, shard_condition
 from .base import (
     EMBEDDING_READ_COLUMNS,
     RUN_COLUMNS,
@@ -46,6 +47,8 @@ from .base import (
 # were new memory, a page fault per 4 kB (200k runs: 4% less CPU, median of
 # 9 alternating runs).
 _READ_BATCH_BYTES = 16 * 1024 * 1024
+# pg_export_snapshot()'s ids (printed into SET TRANSACTION SNAPSHOT, which takes no parameter)
+_SNAPSHOT_ID = re.compile(r"^[0-9A-Fa-f]+-[0-9A-Fa-f]+(-[0-9]+)?$")
 _RUNS_BATCH_BYTES = 512 * 1024
 
 
@@ -141,6 +144,12 @@ def _quietly(close) -> None:
 def json_array(texts: pa.Array) -> pa.Array:
     """Text as Arrow's JSON extension type, which ADBC sends as jsonb."""
     return pa.ExtensionArray.from_storage(pa.json_(), texts.cast(pa.string()))
+
+
+def _plain_column(column: pa.ChunkedArray) -> pa.Array:
+    """A text column as one plain string array."""
+    column = column.combine_chunks()
+    return (column.storage if isinstance(column, pa.ExtensionArray) else column).cast(pa.string())
 
 
 def _plain(batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -245,17 +254,26 @@ class PostgresStore:
 
     @_lost_connections
     def count_runs(self, selection: RunSelection) -> int:
-        query = self._runs_query(selection, "count(*)")
+        if selection.limit is None:
+            query = self._runs_query(selection, "count(*)")
+        else:
+            query = f"SELECT count(*) FROM ({self._runs_query(selection, 'run_id')}) AS selected"
         with self.conn.cursor() as cur:
             cur.execute(query)
             (count,) = cur.fetchall()[0]
         self.conn.commit()
-        return int(count) if selection.limit is None else min(int(count), selection.limit)
+        return int(count)
 
     @_lost_connections
-    def _runs_query(self, selection: RunSelection, columns: str, skip: pa.Array | None = None) -> str:
+    def _runs_query(
+        self, selection: RunSelection, columns: str, skip: pa.Array | None = None, embedded: tuple[str, str] | None = None
+    ) -> str:
         """The param-free query for the selection (strategy ids and the run ids
-        to ``skip`` go to temp tables)."""
+        to ``skip`` go to temp tables). The shard is taken after the limit; with
+        no limit its condition is the expression of ``backtest_runs_shard_run``,
+        so that a shard reads its runs through that index. ``embedded``:
+        (joint_type, model_id) whose rows in this database's joint_embeddings
+        leave their runs out, as ``skip`` does."""
         self.check_table("backtest_runs")
         where = ["metrics_json IS NOT NULL"]
         with self.conn.cursor() as cur:
@@ -263,47 +281,90 @@ class PostgresStore:
                 ids = pa.table({"strategy_id": pa.array(list(selection.strategy_ids), pa.string())})
                 cur.adbc_ingest("metabatch_strategy_filter", ids, mode="replace", temporary=True)
                 where.append("strategy_id IN (SELECT strategy_id FROM metabatch_strategy_filter)")
+            if embedded is not None:
+                key = pa.table({"joint_type": [embedded[0]], "model_id": [embedded[1]]})
+                cur.adbc_ingest("metabatch_missing_of", key, mode="replace", temporary=True)
         self.conn.commit()
         # Dates and the limit are Python date/int values parsed by metabatch, never raw text.
         if selection.start is not None:
             where.append(f"end_date >= DATE '{selection.start.isoformat()}'")
         if selection.end is not None:
             where.append(f"end_date <= DATE '{selection.end.isoformat()}'")
+        if selection.shard is not None and selection.limit is None:
+            where.append(shard_condition(selection.shard, "run_id", "postgresql"))
         query = f"SELECT {columns} FROM backtest_runs WHERE {' AND '.join(where)}"
-        if selection.limit is not None and columns != "count(*)":
+        if selection.limit is not None:
             query += f" ORDER BY end_date DESC, run_id DESC LIMIT {int(selection.limit)}"
+            if selection.shard is not None:
+                query = f"SELECT * FROM ({query}) AS limited WHERE {shard_condition(selection.shard, 'run_id', 'postgresql')}"
+        # NOT EXISTS, an anti join (NOT IN rescans its list per row once it outgrows work_mem)
+        left_out = []
         if skip is not None and len(skip):
-            with self.conn.cursor() as cur:
-                skipped = pa.table({"run_id": skip.cast(pa.string())})
-                cur.adbc_ingest("metabatch_skip_runs", _in_chunks(skipped), mode="replace", temporary=True)
-                cur.execute("ANALYZE metabatch_skip_runs")
-            self.conn.commit()
-            # after the limit (the same runs are selected), and NOT EXISTS, an
-            # anti join: NOT IN rescans its list per row once it outgrows work_mem
-            query = (
-                f"SELECT * FROM ({query}) AS selected WHERE NOT EXISTS"
-                " (SELECT 1 FROM metabatch_skip_runs s WHERE s.run_id = selected.run_id)"
+            self._load_skip(skip)
+            left_out.append("NOT EXISTS (SELECT 1 FROM metabatch_skip_runs s WHERE s.run_id = {0}.run_id)")
+        if embedded is not None:
+            left_out.append(
+                "NOT EXISTS (SELECT 1 FROM joint_embeddings j WHERE j.joint_type = (SELECT joint_type FROM metabatch_missing_of)"
+                " AND j.model_id = (SELECT model_id FROM metabatch_missing_of) AND (j.entity_scope ->> 'run_id') = {0}.run_id)"
             )
+        if left_out and selection.limit is not None:
+            # after the limit: the same runs are selected
+            query = f"SELECT * FROM ({query}) AS selected WHERE " + " AND ".join(c.format("selected") for c in left_out)
+        elif left_out:
+            # the run ids left first, from the index backtest_runs_shard_run alone (under
+            # --missing most runs are left out), then only their rows
+            inner = f"SELECT r.run_id FROM backtest_runs r WHERE {' AND '.join(where)} AND " + " AND ".join(c.format("r") for c in left_out)
+            query = f"SELECT {columns} FROM backtest_runs WHERE run_id IN ({inner})"
         return query
 
+    def _load_skip(self, skip: pa.Array) -> None:
+        """The run ids of ``skip`` into the temp table metabatch_skip_runs (once per array)."""
+        if getattr(self, "_skip_loaded", None) is skip:
+            return
+        with self.conn.cursor() as cur:
+            skipped = pa.table({"run_id": skip.cast(pa.string())})
+            cur.adbc_ingest("metabatch_skip_runs", _in_chunks(skipped), mode="replace", temporary=True)
+            cur.execute("ANALYZE metabatch_skip_runs")
+        self.conn.commit()
+        self._skip_loaded = skip
+
     @_lost_connections
-    def read_runs(self, selection: RunSelection, skip: pa.Array | None = None) -> Iterator[pa.RecordBatch]:
-        query = self._runs_query(selection, ", ".join(RUN_COLUMNS), skip)
+    def read_runs(
+        self, selection: RunSelection, skip: pa.Array | None = None, embedded: tuple[str, str] | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        query = self._runs_query(selection, ", ".join(RUN_COLUMNS), skip, embedded)
         yield from self._stream(query, RUN_COLUMNS, _RUNS_BATCH_BYTES)
 
     # -- embeddings
 
     @_lost_connections
-    def replace_embeddings(self, rows: pa.Table, joint_type: str, model_id: str) -> None:
+    def replace_embeddings(self, rows: pa.Table, joint_type: str, model_id: str, buckets: Sequence[int] | None = None) -> None:
         """Upsert one batch: a run's existing row is updated in place (its joint_id
-        stays), its duplicates are deleted, and new runs are COPied in."""
+        stays), its duplicates are deleted, and new runs are COPied in.
+
+        ``buckets``: the shard buckets (``shards``) the batch's runs are in, for
+        the writer of a shard; None for a job over every bucket."""
         run_ids = rows.column("run_id").combine_chunks()
         try:
             with self.conn.cursor() as cur:
-                # One writer per (joint_type, model_id) at a time: two backfills over
-                # the same runs then replace each other's rows instead of duplicating.
-                cur.execute("SELECT pg_advisory_xact_lock(hashtext($1))", (f"metabatch:{joint_type}:{model_id}",))
-                cur.fetchall()
+                # Two writers of the same runs must not both insert a run: one writer per
+                # (joint_type, model_id) at a time, or, for the shards of a sharded job,
+                # one per (joint_type, model_id, bucket), under the model id's lock taken
+                # shared. The shards of a job then never wait for each other, two sharded
+                # jobs take turns on the buckets they share (locked in ascending order: no
+                # deadlock), and a job over every bucket, or a refit, excludes them all.
+                key = f"metabatch:{joint_type}:{model_id}"
+                if buckets is None:
+                    cur.execute("SELECT pg_advisory_xact_lock(hashtext($1))", (key,))
+                    cur.fetchall()
+                else:
+                    cur.execute("SELECT pg_advisory_xact_lock_shared(hashtext($1))", (key,))
+                    cur.fetchall()
+                    cur.execute(
+                        "SELECT count(pg_advisory_xact_lock(hashtext($1), b)) FROM unnest($2::int[]) AS b",
+                        _one_row(key=key, buckets=_as_one_list(pa.array(sorted(set(buckets)), pa.int32()))),
+                    )
+                    cur.fetchall()
                 # One index probe per run id (a nested loop by construction): with
                 # `= ANY($3)` the planner, trusting stale statistics of a table that
                 # was empty, scanned every row of the model and filtered it, which
@@ -360,22 +421,51 @@ class PostgresStore:
 
     # -- snapshots and queries (param-free queries, so that ADBC streams them)
 
-    @_lost_connections
-    def _values_filter(self, name: str, column: str, values) -> str:
-        """A condition ``column IN (values)``, the values held in a temp table (never in the SQL text)."""
+    @staticmethod
+    def _values_filter(name: str, column: str, values, tables: dict) -> str:
+        """A condition ``column IN (values)``, the values held in a temp table (never in
+        the SQL text) that ``_stream`` loads from ``tables`` before the query."""
         table = f"metabatch_q_{name}"
-        with self.conn.cursor() as cur:
-            cur.adbc_ingest(table, pa.table({"v": pa.array([str(v) for v in values], pa.string())}), mode="replace", temporary=True)
-        self.conn.commit()
+        tables[table] = pa.table({"v": pa.array([str(v) for v in values], pa.string())})
         return f"{column} IN (SELECT v FROM {table})"
 
+    def read_in_snapshot(self, snapshot_id: str) -> None:
+        """From now on, streams read in a REPEATABLE READ transaction on the exported
+        snapshot ``snapshot_id`` (``hold_snapshot``): every shard of a job reads the
+        database as it was at one instant."""
+        if not _SNAPSHOT_ID.match(snapshot_id):
+            raise ValueError(f"not a snapshot id: {snapshot_id!r}")
+        self.snapshot_id = snapshot_id
+
     @_lost_connections
-    def _stream(self, query: str, columns, batch_bytes: int | None = None) -> Iterator[pa.RecordBatch]:
+    def hold_snapshot(self) -> str:
+        """Open a REPEATABLE READ transaction on this connection and export its snapshot;
+        returns its id. The transaction stays open (and the snapshot importable) until
+        ``release_snapshot`` or ``close``."""
+        with self.conn.cursor() as cur:
+            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            cur.execute("SELECT pg_export_snapshot()")
+            (snapshot_id,) = cur.fetchall()[0]
+        return snapshot_id
+
+    def release_snapshot(self) -> None:
+        _quietly(self.conn.rollback)
+
+    @_lost_connections
+    def _stream(self, query: str, columns, batch_bytes: int | None = None, tables: dict | None = None) -> Iterator[pa.RecordBatch]:
         """The query's non-empty record batches (about ``batch_bytes`` each, by default
-        ``_READ_BATCH_BYTES``), in a transaction rolled back at the end."""
+        ``_READ_BATCH_BYTES``), in a transaction rolled back at the end, on the
+        snapshot of ``read_in_snapshot`` if any. ``tables``: temp tables (name ->
+        Arrow table) loaded in that transaction first (rows it wrote itself are
+        the only ones a transaction on an older snapshot sees)."""
         cur = self.conn.cursor()
-        cur.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(batch_bytes or _READ_BATCH_BYTES)})
         try:
+            if getattr(self, "snapshot_id", None):
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                cur.execute(f"SET TRANSACTION SNAPSHOT '{self.snapshot_id}'")
+            for name, table in (tables or {}).items():
+                cur.adbc_ingest(name, table, mode="replace", temporary=True)
+            cur.adbc_statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(batch_bytes or _READ_BATCH_BYTES)})
             cur.execute(query)
             for batch in cur.fetch_record_batch():
                 if batch.num_rows:
@@ -387,29 +477,59 @@ class PostgresStore:
         cur.close()
         self.conn.rollback()
 
-    @_lost_connections
-    def stream_embeddings(self, flt: EmbeddingFilter) -> Iterator[pa.RecordBatch]:
-        """See Store.stream_embeddings. ``flt.extra`` may also hold ``joint_type``,
-        ``run_ids``, ``universe_ids`` and ``limit`` (first rows by as_of_date, joint_id)."""
-        self.check_table("joint_embeddings")
+    def _embeddings_where(self, flt: EmbeddingFilter, tables: dict) -> list[str]:
+        """The conditions of ``flt`` on joint_embeddings (its value lists into ``tables``)."""
         extra = flt.extra or {}
         where = []
         if extra.get("joint_type") is not None:
-            where.append(self._values_filter("joint_type", "joint_type", [extra["joint_type"]]))
+            where.append(self._values_filter("joint_type", "joint_type", [extra["joint_type"]], tables))
         if flt.model_id is not None:
-            where.append(self._values_filter("model", "model_id", [flt.model_id]))
+            where.append(self._values_filter("model", "model_id", [flt.model_id], tables))
         for key, name, values in (
             ("strategy_id", "strategy", flt.strategy_ids),
             ("run_id", "run", extra.get("run_ids") or ()),
             ("universe_id", "universe", extra.get("universe_ids") or ()),
         ):
             if values:
-                where.append(self._values_filter(name, f"(entity_scope ->> '{key}')", values))
+                where.append(self._values_filter(name, f"(entity_scope ->> '{key}')", values, tables))
         # Dates and the limit are date/int values parsed by metabatch, never raw text.
         if flt.start is not None:
             where.append(f"as_of_date >= DATE '{flt.start.isoformat()}'")
         if flt.end is not None:
             where.append(f"as_of_date <= DATE '{flt.end.isoformat()}'")
+        if extra.get("shard") is not None:
+            where.append(shard_condition(extra["shard"], "(entity_scope ->> 'run_id')", "postgresql"))
+        return where
+
+    @_lost_connections
+    def count_embedding_vectors(self, flt: EmbeddingFilter, shards: int) -> pa.Table:
+        """Per (model_id, shard of ``shards``, dim) the rows of ``flt`` whose vector has
+        that dim (a byte length that is a multiple of 4: ``snapshot.vectors.vector_dims``;
+        NULL for the others); model_id, shard, dim, rows. Read in the transaction of
+        ``hold_snapshot`` (so it checks no table: that would end the transaction)."""
+        tables: dict = {}
+        where = self._embeddings_where(flt, tables)
+        bucket = bucket_sql("(entity_scope ->> 'run_id')", "postgresql")
+        with self.conn.cursor() as cur:
+            for name, table in tables.items():
+                cur.adbc_ingest(name, table, mode="replace", temporary=True)
+            cur.execute(
+                f"SELECT model_id::text AS model_id, ({bucket} % {int(shards)}) AS shard,"
+                " (CASE WHEN octet_length(vector) % 4 = 0 THEN octet_length(vector) / 4 END)::int AS dim,"
+                " count(*) AS rows FROM joint_embeddings"
+                + (" WHERE " + " AND ".join(where) if where else "")
+                + " GROUP BY 1, 2, 3"
+            )
+            return cur.fetch_arrow_table()
+
+    @_lost_connections
+    def stream_embeddings(self, flt: EmbeddingFilter) -> Iterator[pa.RecordBatch]:
+        """See Store.stream_embeddings. ``flt.extra`` may also hold ``joint_type``,
+        ``run_ids``, ``universe_ids`` and ``limit`` (first rows by as_of_date, joint_id)."""
+        self.check_table("joint_embeddings")
+        extra = flt.extra or {}
+        tables: dict = {}
+        where = self._embeddings_where(flt, tables)
         query = (
             "SELECT joint_id, joint_type, model_id, as_of_date,"
             " entity_scope ->> 'run_id' AS run_id, entity_scope ->> 'strategy_id' AS strategy_id,"
@@ -420,22 +540,25 @@ class PostgresStore:
             query += " WHERE " + " AND ".join(where)
         if extra.get("limit") is not None:
             query += f" ORDER BY as_of_date, joint_id LIMIT {int(extra['limit'])}"
-        return self._stream(query, EMBEDDING_READ_COLUMNS)
+        return self._stream(query, EMBEDDING_READ_COLUMNS, tables=tables)
 
     @_lost_connections
     def stream_run_details(self, selection: RunSelection) -> Iterator[pa.RecordBatch]:
         self.check_table("backtest_runs")
         where = []
+        tables: dict = {}
         if selection.strategy_ids:
-            where.append(self._values_filter("strategy", "strategy_id", selection.strategy_ids))
+            where.append(self._values_filter("strategy", "strategy_id", selection.strategy_ids, tables))
         if selection.start is not None:
             where.append(f"end_date >= DATE '{selection.start.isoformat()}'")
         if selection.end is not None:
             where.append(f"end_date <= DATE '{selection.end.isoformat()}'")
+        if selection.shard is not None:
+            where.append(shard_condition(selection.shard, "run_id", "postgresql"))
         query = f"SELECT {', '.join(RUN_DETAIL_COLUMNS)} FROM backtest_runs"
         if where:
             query += " WHERE " + " AND ".join(where)
-        return self._stream(query, RUN_DETAIL_COLUMNS)
+        return self._stream(query, RUN_DETAIL_COLUMNS, tables=tables)
 
     # -- the model registry
 
@@ -495,6 +618,23 @@ class PostgresStore:
         except BaseException:
             self.conn.rollback()
             raise
+
+    @_lost_connections
+    def embedded_run_ids(self, joint_type: str, model_id: str, shard: Shard | None = None) -> pa.Array:
+        """The run ids that have a (joint_type, model_id) row (a run with two rows: twice)."""
+        self.check_table("joint_embeddings")
+        where = ""
+        if shard is not None:
+            where = " AND " + shard_condition(shard, "(entity_scope ->> 'run_id')", "postgresql")
+        with self.conn.cursor() as cur:
+            cur.execute(
+                "SELECT entity_scope ->> 'run_id' AS run_id FROM joint_embeddings"
+                f" WHERE joint_type = $1 AND model_id = $2 AND (entity_scope ->> 'run_id') IS NOT NULL{where}",
+                (joint_type, model_id),
+            )
+            found = cur.fetch_arrow_table()
+        self.conn.commit()
+        return _plain_column(found.column("run_id"))
 
     def count_embeddings(self, joint_type: str, model_id: str) -> int:
         self.check_table("joint_embeddings")
