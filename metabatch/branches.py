@@ -16,10 +16,15 @@ stability, coverage...) are the same for every config tried there.
    undeclared config path in the config branch, with the config weights
    fitted twice (see ``fit``): families of configs.
 2. **The metrics' clusters** ``M``: k-means of the metric slices (the
-   undeclared metrics and the declared env ones).
+   undeclared metrics and the declared env ones), read two ways: as they
+   are, and with each metric weighed 1 / the sum of its squared correlations
+   with the others (what several metrics measure together, a run's returns,
+   Sharpe and drawdown, then counts about once and cannot hide the
+   environment's figures; but figures that follow the same markets are
+   correlated too, so the first view stays).
 3. **Keys** (config paths and window keys), per feature group: its *env
    evidence*, the share of its entropy that ``M`` explains (it goes with the
-   measured figures), and its *config share*, the share of ``C``'s entropy
+   measured figures: the better of the two views), and its *config share*, the share of ``C``'s entropy
    that it explains once its own dimensions are left out of ``C``'s
    distances (``Clusters.without``: does it follow the configs, or did it
    only shape the clusters?). A key whose evidence exceeds its config share
@@ -82,13 +87,18 @@ def learn_branches(model: V2Model, values: tuple, leaves: tuple, n: int, con, op
     measured = [*metrics, *declared_metrics]
     key_figures: dict[str, dict] = {}
     found = None  # (env keys, metric figures, env metrics) of the last round that found environments
-    for _ in range(2):
+    for round_ in range(2):
         if not measured:
             break
-        figures = Clusters(_env_probe(model, measured, _decorrelated(model, measured, metric_values, n)), "env", leaves, n, con)
-        if figures.labels is None:
+        # the metrics read two ways (the first round): as they are, and with what
+        # several measure together counted once; a key's evidence is the better
+        views = [_env_probe(model, measured)]
+        if round_ == 0:
+            views.append(_env_probe(model, measured, _decorrelated(model, measured, metric_values, n)))
+        figures = [c.labels for c in (Clusters(view, "env", leaves, n, con) for view in views) if c.labels is not None]
+        if not figures:
             break
-        key_figures = {p: _key_figures(p, groups, figures.labels, configs, n) for p, groups in key_groups.items()}
+        key_figures = {p: _key_figures(p, groups, figures, configs, n) for p, groups in key_groups.items()}
         env_keys = [p for p, f in key_figures.items() if f["config_share"] is not None and f["env_evidence"] - f["config_share"] >= KEY_MARGIN]
         if not env_keys and not declared_keys:
             break
@@ -109,7 +119,8 @@ def learn_branches(model: V2Model, values: tuple, leaves: tuple, n: int, con, op
         m.branch, m.how, m.figures = ("env" if p in env_keys else "none"), "learned", key_figures.get(p, {})
     for p, m in metrics.items():
         m.branch, m.how, m.figures = ("env" if p in env_metrics else "outcome"), "learned", metric_figures.get(p, {})
-    _keep_config_weights(configs.model, model)
+    if options.weigh_config == "clusters":
+        _keep_config_weights(configs.model, model)
     return environments
 
 
@@ -176,9 +187,9 @@ def _at_weight_one(m: PathModel, branch: str, weight: float = 1.0) -> PathModel:
 
 
 def _decorrelated(model: V2Model, metrics: list[str], metric_values: dict, n: int) -> dict[str, float]:
-    """Per metric, 1 / the sum of its squared correlations with the metrics (itself
-    included): what several metrics measure together (a run's returns, its
-    Sharpe, its drawdown) counts about once in the metrics' clusters, as one
+    """Per metric, 1 / the sum of its squared (rank) correlations with the metrics
+    (itself included): what several metrics measure together (a run's returns,
+    its Sharpe, its drawdown) counts about once in the metrics' clusters, as one
     independent figure does."""
     columns = []
     for key in metrics:
@@ -190,10 +201,10 @@ def _decorrelated(model: V2Model, metrics: list[str], metric_values: dict, n: in
         columns.append(column)
     if len(columns) < 2:
         return {}
-    x = np.array(columns).T
-    x = np.where(np.isfinite(x), x, np.nanmean(np.where(np.isfinite(x), x, np.nan), axis=0))  # a missing value: the mean
+    # ranks: robust to values near the float limit; a missing value takes the middle rank
+    x = np.array([_ranks(c) for c in columns]).T
     spread = x.std(axis=0)
-    usable = np.isfinite(spread) & (spread > 0)
+    usable = spread > 0
     weights = {}
     if usable.sum() >= 2:
         correlation = np.corrcoef(x[:, usable].T)
@@ -202,13 +213,23 @@ def _decorrelated(model: V2Model, metrics: list[str], metric_values: dict, n: in
     return weights
 
 
-def _key_figures(path: str, groups: list[Group], figures: np.ndarray, configs: Clusters, n: int) -> dict:
-    """The env evidence and config share of a key's most telling group (the one
-    whose evidence most exceeds its share). The config share is measured only
-    where the evidence could make the key env (it costs a pass over the runs)."""
+def _ranks(column: np.ndarray) -> np.ndarray:
+    """Ranks (0..1) of the finite values, 0.5 for the others."""
+    out = np.full(len(column), 0.5)
+    fine = np.flatnonzero(np.isfinite(column))
+    if len(fine) > 1:
+        out[fine[np.argsort(column[fine], kind="stable")]] = np.arange(len(fine)) / (len(fine) - 1)
+    return out
+
+
+def _key_figures(path: str, groups: list[Group], figures: list[np.ndarray], configs: Clusters, n: int) -> dict:
+    """The env evidence (the best over the metrics' clusterings ``figures``) and
+    config share of a key's most telling group (the one whose evidence most
+    exceeds its share). The config share is measured only where the evidence
+    could make the key env (it costs a pass over the runs)."""
     best = {"group": None, "env_evidence": 0.0, "config_share": None}
     for g in groups:
-        evidence = float(explained([g], figures, n)[0])
+        evidence = max(float(explained([g], labels, n)[0]) for labels in figures)
         share = None
         if evidence >= KEY_MARGIN:
             dims = configs.slots(path, g.kind) if path in configs.model.config_paths else np.zeros(0, np.int64)

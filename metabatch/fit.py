@@ -361,8 +361,10 @@ def _within_spread(x: np.ndarray, labels: np.ndarray) -> float:
     k = int(groups.max()) + 1 if len(groups) else 0
     if len(x) <= k + 1:
         return 0.0
-    means = np.bincount(groups, weights=x, minlength=k) / np.maximum(np.bincount(groups, minlength=k), 1)
-    return float(np.sqrt(((x - means[groups]) ** 2).sum() / (len(x) - k)))
+    with np.errstate(over="ignore", invalid="ignore"):  # values near the float limit
+        means = np.bincount(groups, weights=x, minlength=k) / np.maximum(np.bincount(groups, minlength=k), 1)
+        spread = float(np.sqrt(((x - means[groups]) ** 2).sum() / (len(x) - k)))
+    return spread if np.isfinite(spread) else 0.0
 
 
 def _string_model(values: PathValues) -> StringModel:

@@ -139,7 +139,7 @@ def test_cluster_on_config_finds_the_families_and_on_env_the_environments(world)
     assert normalized_mutual_info_score(joined["family"], joined["cluster"]) >= 0.95
     on_env = cluster_runs(MODEL, on="env", snapshot=world["snapshot"])  # k chosen by the tool
     joined = on_env.assignments.join(labels, on="run_id")
-    assert on_env.chosen_by == "silhouette" and normalized_mutual_info_score(joined["env"], joined["cluster"]) >= 0.95
+    assert on_env.chosen_by == "nested silhouette" and normalized_mutual_info_score(joined["env"], joined["cluster"]) >= 0.95
     again = cluster_runs(MODEL, on="config", k=12, snapshot=world["snapshot"])
     assert again.assignments.equals(on_config.assignments), "the same seed gives the same clusters"
     summary = on_config.summary
@@ -240,7 +240,7 @@ def _trustworthiness(world, page, on="joint") -> float:
 
 def test_tsne_keeps_each_runs_neighbours_better_than_pca(world, pages, tmp_path, monkeypatch):
     tsne, pca = _trustworthiness(world, pages["tsne"]), _trustworthiness(world, pages["pca"])
-    assert tsne >= 0.98 and tsne > pca + 0.03, (tsne, pca)
+    assert tsne >= 0.99 and tsne > pca, (tsne, pca)
     # Above TSNE_SAMPLE runs, t-SNE lays out a sample and places the others among it: as good.
     from metabatch import landscape
 
