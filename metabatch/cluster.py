@@ -17,8 +17,8 @@ how it was chosen.
   level, so each coarse cluster is searched again the same way, on its own
   runs: where the best silhouette within it reaches ``SPLIT_SILHOUETTE`` (its
   runs fall into groups well apart), it is split. Where none is split (the
-  silhouette picked the finest level), a coarser level exists when a smaller
-  k scores at least ``COARSE_SHARE`` of the best silhouette: each cluster then
+  silhouette picked the finest level), a coarser level exists when a k of at
+  most half as many scores at least ``COARSE_SHARE`` of the best silhouette: each cluster then
   joins the coarse cluster (of that k) that holds most of its runs. The
   clusters are the finest level found; ``coarse`` says which coarse cluster
   each lies in (the assignments and the summary carry both).
@@ -150,10 +150,10 @@ def _kmeans_labels(x: np.ndarray, held: np.ndarray, k: int, seed: int, rng: np.r
 
 
 def _coarser(x, held, labels, k, silhouettes: dict, seed, rng) -> np.ndarray | None:
-    """The coarse cluster of each run when a smaller k scores at least
-    ``COARSE_SHARE`` of ``k``'s silhouette (each of ``labels``' clusters joins
-    the coarse cluster holding most of its runs); None when none does."""
-    smaller = {c: v for c, v in silhouettes.items() if c < k}
+    """The coarse cluster of each run when a k of at most half of ``k`` scores at
+    least ``COARSE_SHARE`` of ``k``'s silhouette (each of ``labels``' clusters
+    joins the coarse cluster holding most of its runs); None when none does."""
+    smaller = {c: v for c, v in silhouettes.items() if c <= k // 2}
     if not smaller:
         return None
     best = max(smaller, key=lambda c: (round(smaller[c], 3), -c))
