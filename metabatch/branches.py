@@ -52,7 +52,7 @@ from __future__ import annotations
 import numpy as np
 
 from .encoders.v2 import SLICES, PathModel, V2Model, _joined, row_means
-from .groups import Clusters, Group, explained, explaining, groups_of, intraclass
+from .groups import Clusters, Group, explained, explaining, groups_of, intraclass, set_weights, zero_constant_groups
 from .modelfile import PRIOR_ENV, PRIOR_ENV_METRICS, matches
 
 # a key is env when its env evidence exceeds its config share by this much
@@ -141,18 +141,16 @@ def _config_clusters(model: V2Model, config_values: dict, leaves: tuple, n: int,
     """The clusters of the config slices with every config path (declared env
     ones aside) in the config branch, weighted as the fit weighs config paths
     (``rounds`` times); None when too few runs have a config."""
-    from .fit import _set_weights, _zero_constant_groups
-
     probe = V2Model({"config": 1.0, "env": 0.0, "outcome": 0.0}, {}, {}, model.patterns, slices=dict(_PROBE_SLICES), format=model.format)
     probe.config_paths = {p: _at_weight_one(m, "config") for p, m in model.config_paths.items() if m.branch == "config"}
     groups = [g for p, m in probe.config_paths.items() for g in groups_of(p, m, config_values[p], n)]
-    _zero_constant_groups(probe, groups)
+    zero_constant_groups(probe, groups)
     clusters = None
     for _ in range(max(1, rounds)):
         clusters = Clusters(probe, "config", leaves, n, con)
         if clusters.labels is None:
             return None
-        _set_weights(probe.config_paths, groups, explained(groups, clusters.labels, n))
+        set_weights(probe.config_paths, groups, explained(groups, clusters.labels, n))
     return clusters
 
 

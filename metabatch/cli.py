@@ -695,7 +695,7 @@ def export_parquet(urls, out, model_id, strategy_ids, start, end, retries, ray_a
         raise click.UsageError(f"--start {start} is after --end {end}")
     check_ray_options(ray_address, shards)
     if ray_address is not None:
-        from .distributed import ray_export
+        from .snapshot.sharded import ray_export
 
         report, finish = ray_reporter(quiet or as_json, "export")
         try:

@@ -46,7 +46,7 @@ import pyarrow as pa
 
 from .errors import BadInput
 from .kmeans import kmeans
-from .space import Space, open_space
+from .space import Space, open_space, with_random_rank
 
 BRANCHES = ("joint", "config", "env", "outcome")
 FIT_SAMPLE = 200_000
@@ -268,7 +268,6 @@ def _sets_apart(space: Space, runs: pl.DataFrame, k: int) -> pl.DataFrame:
     from .encoders.v2 import by_path
     from .unnest import collect_config
 
-    from .landscape import with_random_rank
 
     sample = with_random_rank(runs, "cluster", 0).filter(pl.col("rank") <= CONFIGS_PER_CLUSTER)
     ids = sample.get_column("run_id").to_list()

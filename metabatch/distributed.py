@@ -1,6 +1,6 @@
 """Ray: backfill, fit and export-parquet sharded over the nodes of a Ray cluster.
 
-The Python API of `--ray`: ``ray_backfill``, ``ray_fit`` and ``ray_export``
+The Python API of `--ray`: ``ray_backfill``, ``ray_fit`` and ``snapshot.sharded.ray_export``
 take what ``backfill.backfill``, ``models.fit`` and ``snapshot.export_parquet``
 take, plus ``address`` (a Ray cluster; "auto": RAY_ADDRESS, else the cluster
 this machine belongs to) and ``shards``, and return the same summaries.
@@ -582,40 +582,4 @@ def ray_fit(
         return fit(
             runtime_url, historical_url, model_id or BUILTIN_V2, spec, selection, refit=refit, batch_rows=batch_rows,
             sample_runs=sample_runs or SAMPLE_RUNS, draw=_sampler(session, shards, on_progress),
-        )
-
-
-def ray_export(
-    out,
-    historical_url: DatabaseURL,
-    runtime_url: DatabaseURL | None = None,
-    *,
-    model_id: str | None = None,
-    strategy_id=None,
-    start=None,
-    end=None,
-    on_progress: Callable[[JobProgress], None] | None = None,
-    retries: int | None = None,
-    address: str = "auto",
-    shards: int | None = None,
-):
-    """``snapshot.export_parquet`` sharded over the Ray cluster at ``address``
-    (``snapshot.sharded``): the same snapshot. ``out`` must be a folder every
-    node of the cluster sees (a shared file system)."""
-    from pathlib import Path
-
-    from .retry import DEFAULT_RETRIES
-    from .snapshot.export import _ids
-    from .snapshot.sharded import export_on_ray, snapshot_filter
-
-    runtime_url = runtime_url or historical_url
-    check_shards(shards)
-    check_stores(runtime_url, historical_url)
-    if start and end and start > end:
-        raise BadInput(f"--start {start} is after --end {end}")
-    flt, selection, chosen = snapshot_filter(model_id, _ids(strategy_id), start, end)
-    with RaySession(address) as session:
-        return export_on_ray(
-            session, Path(out).absolute(), historical_url, runtime_url, flt, selection, chosen, shards=shards,
-            retries=DEFAULT_RETRIES if retries is None else retries, on_progress=on_progress,
         )

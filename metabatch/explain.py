@@ -16,15 +16,11 @@ nothing.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
 import polars as pl
 
 from .encoders.v2 import V2Model
 from .errors import BadInput
-
-if TYPE_CHECKING:
-    from .models import RegisteredModel
 
 ORDER = {"env": 0, "outcome": 1, "config": 2, "none": 3}
 SCHEMA = {
@@ -33,8 +29,8 @@ SCHEMA = {
 }
 
 
-def explain_model(model: "RegisteredModel") -> pl.DataFrame:
-    """One row per path of a fitted v2 model (see the module docstring)."""
+def explain_model(model) -> pl.DataFrame:
+    """One row per path of a fitted v2 model (a ``models.RegisteredModel``; see the module docstring)."""
     if model.encoder != "v2":
         raise BadInput(f"model `{model.model_id}` is a v1 model: it embeds by the spec's fixed rules and learnt nothing to explain",
                        "fit a v2 model with `metabatch fit --joint-model-id ID`, then explain that one")

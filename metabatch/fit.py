@@ -35,7 +35,7 @@ the metrics and per key of the run's own window (``backtest_runs.start_date``,
   clusters over its own entropy; then again with those weights
   (``FitOptions.rounds``). A seed, a capital amount, a host name spread at
   random over the runs, or a commit hash is explained by nothing and weighs
-  ~0 (under ``WEIGHT_FLOOR``: 0); a hyperparameter that comes with the rest
+  ~0 (under ``groups.WEIGHT_FLOOR``: 0); a hyperparameter that comes with the rest
   of its family's settings weighs ~1;
 - **weights of the learnt env groups** the same way, over the clusters of the
   env slices (declared env paths and metrics weigh 1);
@@ -77,15 +77,13 @@ from .encoders.v2 import (
     window_leaves,
     with_dates,
 )
-from .groups import Clusters, Group, as_leaves, explained, groups_of, intraclass
+from .groups import Clusters, as_leaves, explained, groups_of, intraclass, set_weights, zero_constant_groups
+from .branches import learn_branches
 from .modelfile import PRIOR_ENV, PRIOR_ENV_METRICS, ModelSpec, matches
 from .unnest import collect_config, collect_metrics
 
 SAMPLE_RUNS = 20_000
 MAX_KNOTS = 16
-# weights under this are taken as 0: mutual information estimated on a sample
-# is not exactly 0 for independent fields, and a path at 0 costs nothing to encode
-WEIGHT_FLOOR = 0.05
 # the outcome branch keeps at least this share of its weight, so that it stays
 # in the vector and can be compared alone (--branch outcome)
 RELIABILITY_FLOOR = 0.05
@@ -206,8 +204,6 @@ def fit_model(
 ) -> V2Model:
     """A ``V2Model`` fitted on the runs of ``sample`` (see the module docstring);
     ``fitted_runs``: how many runs the sample was drawn from."""
-    from .branches import learn_branches
-
     con = con or duckdb.connect()
     n = sample.num_rows
     learned = options.branches == "learned"
@@ -403,14 +399,14 @@ def _fit_weights(model: V2Model, config_values, metric_values, window_values, le
         return
     groups = [g for path, m in model.config_paths.items() if m.branch == "config" for g in groups_of(path, m, config_values[path], n)]
     if options.weigh_config == "clusters":
-        _zero_constant_groups(model, groups)
+        zero_constant_groups(model, groups)
     config_labels = None
     rounds = rounds if groups and options.weigh_config == "clusters" else 1
     for _ in range(rounds):
         config_labels = Clusters(model, "config", leaves, n, con).labels
         if config_labels is None or not groups or options.weigh_config != "clusters":
             break
-        _set_weights(model.config_paths, groups, explained(groups, config_labels, n))
+        set_weights(model.config_paths, groups, explained(groups, config_labels, n))
     env_labels = None
     if model.format >= 2:
         env_labels = _weigh_env(model, (config_values, metric_values, window_values), leaves, n, con)
@@ -427,7 +423,7 @@ def _fit_weights(model: V2Model, config_values, metric_values, window_values, le
     if options.weigh_outcome:
         outcome = [g for path, m in model.metric_paths.items() if m.branch == "outcome" for g in groups_of(path, m, metric_values[path], n)]
         if outcome:
-            _set_weights(model.metric_paths, outcome, explained(outcome, pairs, n))
+            set_weights(model.metric_paths, outcome, explained(outcome, pairs, n))
     if options.outcome_reliability:
         reliability = _outcome_reliability(model, leaves, pairs, n, con)
         if reliability is not None:
@@ -450,7 +446,7 @@ def _weigh_env(model: V2Model, values: tuple, leaves: tuple, n: int, con) -> np.
     if learnt:
         shares = explained([g for _, g in learnt], clusters.labels, n)
         for (paths, g), share in zip(learnt, shares.tolist()):
-            _set_weights(paths, [g], np.array([share]))
+            set_weights(paths, [g], np.array([share]))
     return clusters.labels
 
 
@@ -465,28 +461,3 @@ def _outcome_reliability(model: V2Model, leaves, pairs: np.ndarray, n: int, con=
         return None
     icc = intraclass(vectors, pairs[held])
     return None if icc is None else float(np.clip(icc, RELIABILITY_FLOOR, 1.0))
-
-
-def _zero_constant_groups(model: V2Model, groups: list[Group]) -> None:
-    """A config group with one category in every run (a constant, or values each
-    seen once: ids, hashes) tells runs apart in nothing: weight 0."""
-    kept = {(g.path, g.kind) for g in groups}
-    for path, m in model.config_paths.items():
-        if m.branch != "config":
-            continue
-        if m.present > 0 and (path, "present") not in kept:
-            m.present = 0.0
-        for kind in ("number", "length", "string", "date"):
-            group = getattr(m, kind)
-            if group is not None and (path, kind) not in kept:
-                group.weight = 0.0
-
-
-def _set_weights(paths: dict[str, PathModel], groups: list[Group], weights: np.ndarray) -> None:
-    weights = np.where(weights < WEIGHT_FLOOR, 0.0, weights)
-    for group, weight in zip(groups, weights.tolist()):
-        m = paths[group.path]
-        if group.kind == "present":
-            m.present = float(weight)
-        else:
-            getattr(m, group.kind).weight = float(weight)

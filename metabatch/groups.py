@@ -11,6 +11,8 @@ category of its own), as a ``Group``. On them:
   mutual information over the group's entropy;
 - ``intraclass(x, labels)``: the one-way ANOVA estimate of the share of the
   rows' variance that lies between the labels' groups;
+- ``set_weights`` / ``zero_constant_groups``: groups' weights into their path
+  models (under ``WEIGHT_FLOOR``: 0);
 - ``slice_vectors(model, branch, leaves, n)`` and ``Clusters``: a branch's
   slices of the sample encoded alone (with the weights so far) and their
   k-means clusters, with ``without(slots)``: each run's nearest centroid when
@@ -33,6 +35,9 @@ from .kmeans import kmeans
 from .unnest import PathLeaves
 
 KINDS = ("present", "number", "length", "string", "date")
+# weights under this are taken as 0: mutual information estimated on a sample
+# is not exactly 0 for independent fields, and a path at 0 costs nothing to encode
+WEIGHT_FLOOR = 0.05
 
 
 @dataclass
@@ -231,3 +236,28 @@ def feature_names(path: str, kind: str, m: PathModel | None) -> list[str]:
     if model is None:
         return []
     return [prefix + "z"] + [f"{prefix}k{j}" for j in range(len(model.knots))]
+
+
+def zero_constant_groups(model: V2Model, groups: list[Group]) -> None:
+    """A config group with one category in every run (a constant, or values each
+    seen once: ids, hashes) tells runs apart in nothing: weight 0."""
+    kept = {(g.path, g.kind) for g in groups}
+    for path, m in model.config_paths.items():
+        if m.branch != "config":
+            continue
+        if m.present > 0 and (path, "present") not in kept:
+            m.present = 0.0
+        for kind in ("number", "length", "string", "date"):
+            group = getattr(m, kind)
+            if group is not None and (path, kind) not in kept:
+                group.weight = 0.0
+
+
+def set_weights(paths: dict[str, PathModel], groups: list[Group], weights: np.ndarray) -> None:
+    weights = np.where(weights < WEIGHT_FLOOR, 0.0, weights)
+    for group, weight in zip(groups, weights.tolist()):
+        m = paths[group.path]
+        if group.kind == "present":
+            m.present = float(weight)
+        else:
+            getattr(m, group.kind).weight = float(weight)

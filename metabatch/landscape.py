@@ -58,7 +58,7 @@ import polars as pl
 import vl_convert  # vl-convert-python: the page's inlined Vega scripts and the PNG (4 ms to import)
 
 from .errors import BadInput
-from .space import Space, open_space
+from .space import Space, open_space, with_random_rank
 
 LAYOUTS = ("tsne", "pca")
 MAX_POINTS = 60_000
@@ -146,7 +146,7 @@ def draw_landscape(
     progress("drawing")
     frame, hover = _with_config_values(space, frame)
     how = (
-        f"t-SNE: near runs are alike, the distance between two groups says little"
+        "t-SNE: near runs are alike, the distance between two groups says little"
         if used == "tsne"
         else f"PCA: {explained[0]:.0%} + {explained[1]:.0%} of the variance"
     )
@@ -258,13 +258,6 @@ def _stratified(frame: pl.DataFrame, column: str, count: int, seed: int, minimum
     quota = sizes.with_columns(quota=pl.max_horizontal(pl.min_horizontal(pl.col("n"), pl.lit(minimum)), share))
     ranked = with_random_rank(frame, column, seed)
     return ranked.join(quota.select(column, "quota"), on=column, how="left", nulls_equal=True).filter(pl.col("rank") <= pl.col("quota")).drop("rank", "quota").sort("position")
-
-
-def with_random_rank(frame: pl.DataFrame, column: str, seed: int) -> pl.DataFrame:
-    """``frame`` with ``rank``: each row's rank (1, 2, ...) within its ``column``
-    group, in a random order fixed by ``seed``."""
-    keyed = frame.with_columns(_key=pl.Series(np.random.default_rng(seed).random(frame.height)))
-    return keyed.with_columns(rank=pl.col("_key").rank("ordinal").over(column)).drop("_key")
 
 
 def hover_paths(space: Space, count: int = HOVER_PATHS) -> list[str]:

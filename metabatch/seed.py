@@ -47,19 +47,11 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from .stores.base import RUN_SCHEMA
+
 SEED_COLUMNS = ("run_id", "strategy_id", "config_json", "start_date", "end_date", "universe_id", "metrics_json")
 
-SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("strategy_id", pa.string()),
-        ("config_json", pa.string()),
-        ("start_date", pa.date32()),
-        ("end_date", pa.date32()),
-        ("universe_id", pa.string()),
-        ("metrics_json", pa.string()),
-    ]
-)
+SCHEMA = RUN_SCHEMA
 
 END_MIN = _dt.date(2023, 1, 1)
 END_MAX = _dt.date(2026, 6, 30)

@@ -306,3 +306,10 @@ def _from_database(model_id, historical_url, runtime_url, strategy_ids, start, e
         raise
     space._temporary = temporary
     return space
+
+
+def with_random_rank(frame: pl.DataFrame, column: str, seed: int) -> pl.DataFrame:
+    """``frame`` with ``rank``: each row's rank (1, 2, ...) within its ``column``
+    group, in a random order fixed by ``seed``."""
+    keyed = frame.with_columns(_key=pl.Series(np.random.default_rng(seed).random(frame.height)))
+    return keyed.with_columns(rank=pl.col("_key").rank("ordinal").over(column)).drop("_key")

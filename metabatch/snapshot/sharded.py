@@ -1,4 +1,4 @@
-"""A snapshot exported shard by shard on a Ray cluster (``export_on_ray``).
+"""A snapshot exported shard by shard on a Ray cluster (``ray_export``, ``export_on_ray``).
 
 The snapshot is the one ``export_parquet`` writes (same files, same manifest),
 built in the same build folder beside ``out``, which every node must see:
@@ -33,7 +33,7 @@ import polars as pl
 import pyarrow as pa
 
 from ..embed import DIM, JOINT_TYPE
-from ..errors import MetabatchError
+from ..errors import BadInput, MetabatchError
 from ..retry import Retries
 from ..shards import Shard
 from ..stores.base import EmbeddingFilter, RunSelection
@@ -269,4 +269,38 @@ def snapshot_filter(model_id, strategy_ids, start, end) -> tuple[EmbeddingFilter
     return flt, RunSelection(strategy_ids, start, end), chosen
 
 
-__all__ = ["export_on_ray", "export_shard", "snapshot_filter"]
+def ray_export(
+    out,
+    historical_url: DatabaseURL,
+    runtime_url: DatabaseURL | None = None,
+    *,
+    model_id: str | None = None,
+    strategy_id=None,
+    start=None,
+    end=None,
+    on_progress: Callable | None = None,
+    retries: int | None = None,
+    address: str = "auto",
+    shards: int | None = None,
+):
+    """``snapshot.export_parquet`` sharded over the Ray cluster at ``address``
+    (``snapshot.sharded``): the same snapshot. ``out`` must be a folder every
+    node of the cluster sees (a shared file system)."""
+    from ..distributed import RaySession, check_shards, check_stores
+    from ..retry import DEFAULT_RETRIES
+    from .export import _ids
+
+    runtime_url = runtime_url or historical_url
+    check_shards(shards)
+    check_stores(runtime_url, historical_url)
+    if start and end and start > end:
+        raise BadInput(f"--start {start} is after --end {end}")
+    flt, selection, chosen = snapshot_filter(model_id, _ids(strategy_id), start, end)
+    with RaySession(address) as session:
+        return export_on_ray(
+            session, Path(out).absolute(), historical_url, runtime_url, flt, selection, chosen, shards=shards,
+            retries=DEFAULT_RETRIES if retries is None else retries, on_progress=on_progress,
+        )
+
+
+__all__ = ["ray_export", "export_on_ray", "export_shard", "snapshot_filter"]

@@ -20,6 +20,18 @@ from ..urls import DatabaseURL
 # Columns of backtest_runs the pipeline reads, JSON as text (start_date: the
 # run's window, which fitted models of format 2 read).
 RUN_COLUMNS = ("run_id", "strategy_id", "universe_id", "end_date", "config_json", "metrics_json", "start_date")
+# backtest_runs rows as Arrow (what insert_runs takes; JSON as text)
+RUN_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("strategy_id", pa.string()),
+        ("config_json", pa.string()),
+        ("start_date", pa.date32()),
+        ("end_date", pa.date32()),
+        ("universe_id", pa.string()),
+        ("metrics_json", pa.string()),
+    ]
+)
 # Columns of joint_embeddings the pipeline writes (run_id rides along to find old rows).
 EMBEDDING_COLUMNS = ("joint_type", "as_of_date", "entity_scope", "model_id", "vector")
 # Columns of stream_embeddings: joint_embeddings with entity_scope unpacked.
