@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--model-id", default="joint-meta-config-env-v1")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    from metabatch.query import open_snapshot, similar
+    from metabatch.snapshot.query import open_snapshot, similar
 
     data = open_snapshot(args.snapshot).model(args.model_id)
     run_ids = data.meta.column("run_id").to_pylist()

@@ -1,6 +1,6 @@
 """Benchmark: does v2, with no model file, learn where runs were tried?
 
-For each labelled shape of runs (``metabatch.shapes``: the campaigns, runs
+For each labelled shape of runs (``metabatch.synthetic.shapes``: the campaigns, runs
 shaped like the reference's catalog, environments nested in markets, env
 keys and figures under other names, an id that follows the strategy under an
 env-looking name), through the real pipeline on a DuckDB file (fit with no
@@ -39,17 +39,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_retrieval import ceiling, queries_of, recall_at  # noqa: E402
 
-from metabatch.backfill import backfill  # noqa: E402
-from metabatch.cluster import cluster_runs  # noqa: E402
+from metabatch.pipeline.backfill import backfill  # noqa: E402
+from metabatch.workflows.cluster import cluster_runs  # noqa: E402
 from metabatch.errors import BadInput  # noqa: E402
-from metabatch.migrate import migrate  # noqa: E402
-from metabatch.modelfile import ModelSpec, parse_model_file  # noqa: E402
+from metabatch.stores.migrate import migrate  # noqa: E402
+from metabatch.models.modelfile import ModelSpec, parse_model_file  # noqa: E402
 from metabatch.models import fit  # noqa: E402
-from metabatch.shapes import SHAPES, labelled_runs  # noqa: E402
+from metabatch.synthetic.shapes import SHAPES, labelled_runs  # noqa: E402
 from metabatch.snapshot import export_parquet  # noqa: E402
-from metabatch.space import open_space  # noqa: E402
+from metabatch.workflows.space import open_space  # noqa: E402
 from metabatch.stores import open_store  # noqa: E402
-from metabatch.suggest import DUPLICATE_COSINE, plan_suggestions  # noqa: E402
+from metabatch.workflows.suggest import DUPLICATE_COSINE, plan_suggestions  # noqa: E402
 from metabatch.urls import parse_url  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"

@@ -42,7 +42,7 @@ import json, os, sys, time
 started, cpu_started = time.perf_counter(), time.process_time()
 args = json.loads(sys.argv[1])
 import numpy as np
-from metabatch import landscape
+from metabatch.workflows import landscape
 
 if args["layout"] == "umap":
     def umap_layout(points, laid, seed):
@@ -61,7 +61,7 @@ seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
 hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
 
 from sklearn.manifold import trustworthiness
-from metabatch.space import open_space
+from metabatch.workflows.space import open_space
 import polars as pl
 space = open_space(args["model"], snapshot=args["snapshot"])
 positions = space.runs.select("run_id").with_row_index("position").join(drawn.coordinates, on="run_id")

@@ -99,7 +99,7 @@ def bench_warm(out: Path, queries: int) -> dict:
     import pyarrow as pa
 
     import metabatch
-    from metabatch.query import open_snapshot
+    from metabatch.snapshot.query import open_snapshot
 
     snapshot = open_snapshot(out)
     data = snapshot.model(MODEL)
@@ -146,7 +146,7 @@ def bench_warm(out: Path, queries: int) -> dict:
 
 _READ = "import sys, time; t = time.perf_counter(); open(sys.argv[1], 'rb').read(); print(time.perf_counter() - t)"
 _FIRST = (
-    "import sys, time, warnings; t = time.perf_counter(); import metabatch.query as q; i = time.perf_counter() - t;"
+    "import sys, time, warnings; t = time.perf_counter(); import metabatch.snapshot.query as q; i = time.perf_counter() - t;"
     " warnings.simplefilter('ignore');"
     " t = time.perf_counter(); q.similar(sys.argv[2], snapshot=sys.argv[1]); print(time.perf_counter() - t, i)"
 )

@@ -205,7 +205,7 @@ def print_comparison(n: int, result: dict) -> None:
 def copy_limits(url: str) -> dict:
     """Binary COPY out of the input columns and in of the output rows, one stream
     and two at once (each half a shard, read through the shard index)."""
-    from metabatch.shards import Shard, shard_condition
+    from metabatch.stores.shards import Shard, shard_condition
 
     out = {}
     halves = [f"{bb.SELECT_INPUT} AND {shard_condition(Shard(i, 2), 'run_id', 'postgresql')}" for i in range(2)]
@@ -262,7 +262,7 @@ def missing(n: int, seed: int, repeat: int) -> dict:
     try:
         bb.sql(url, "TRUNCATE joint_embeddings")
         cutoff = bb.sql(url, "SELECT now()")[0][0]
-        from metabatch.seed import seed_runs
+        from metabatch.synthetic.seed import seed_runs
         from metabatch.urls import parse_url
 
         added = seed_runs(parse_url(url), n + n // 100, seed)
@@ -347,11 +347,11 @@ def run_data_way(way: str, url: str) -> None:
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
-    from metabatch.backfill import backfill, first_batch_rows
-    from metabatch.embed import JOINT_TYPE  # noqa: F401
+    from metabatch.pipeline.backfill import backfill, first_batch_rows
+    from metabatch.pipeline.embed import JOINT_TYPE  # noqa: F401
     from metabatch.models import encoder_for
-    from metabatch.read import read_runs
-    from metabatch.shards import Shard
+    from metabatch.pipeline.read import read_runs
+    from metabatch.stores.shards import Shard
     from metabatch.stores import open_store
     from metabatch.stores.base import RunSelection
     from metabatch.urls import parse_url
@@ -389,12 +389,12 @@ def run_data_way(way: str, url: str) -> None:
         def __init__(self):
             import duckdb
 
-            from metabatch.unnest import ShapeCache
+            from metabatch.pipeline.unnest import ShapeCache
 
             self.con, self.shapes, self.store = duckdb.connect(), ShapeCache(), open_store(db)
 
         def __call__(self, runs: pa.Table) -> pa.Table:
-            from metabatch.write import write_batch
+            from metabatch.pipeline.write import write_batch
 
             prepared = encoder.prepare(runs, self.con, self.shapes)
             batch = encoder.embed(prepared, self.con, self.shapes, None)

@@ -1,6 +1,6 @@
 """Benchmark: do a run's nearest neighbours share its config family and environment?
 
-On labelled campaign runs (``metabatch.campaigns``: config families drawn from
+On labelled campaign runs (``metabatch.synthetic.campaigns``: config families drawn from
 shared templates, environments, a known skill per (family, environment), and
 the noise real configs carry), each case goes through the real pipeline on a
 DuckDB file (migrate, insert the runs, ``fit``, ``backfill``) and reports
@@ -40,14 +40,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from metabatch.backfill import backfill
-from metabatch.campaigns import campaign_runs
-from metabatch.encoders.v2 import SLICES
-from metabatch.fit import FitOptions
-from metabatch.migrate import migrate
-from metabatch.modelfile import ModelSpec, parse_model_file
+from metabatch.pipeline.backfill import backfill
+from metabatch.synthetic.campaigns import campaign_runs
+from metabatch.models.encoders.v2 import SLICES
+from metabatch.models.fitting import FitOptions
+from metabatch.stores.migrate import migrate
+from metabatch.models.modelfile import ModelSpec, parse_model_file
 from metabatch.models import fit, registered
-from metabatch.query import set_from_database
+from metabatch.snapshot.query import set_from_database
 from metabatch.stores import open_store
 from metabatch.stores.base import EmbeddingFilter
 from metabatch.urls import parse_url

@@ -42,7 +42,7 @@ if sys.argv[1] == "fit":
     from metabatch.models import fit
     summary = fit(url, url, sys.argv[3], refit=True).as_dict()
 else:
-    from metabatch.backfill import backfill
+    from metabatch.pipeline.backfill import backfill
     summary = backfill(url, model_id=sys.argv[3]).as_dict(max_rejected=2)
 summary["wall_seconds"] = time.perf_counter() - t0
 summary["peak_rss_mb"] = int([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0]) / 1024

@@ -1,6 +1,6 @@
 """Benchmark: are the workflows' answers good, and fast at 1M runs?
 
-Quality, on labelled campaign runs (``metabatch.campaigns``; a known skill per
+Quality, on labelled campaign runs (``metabatch.synthetic.campaigns``; a known skill per
 (family, environment), in units of its standard deviation), through the real
 pipeline (DuckDB file: fit, backfill, export-parquet):
 
@@ -37,14 +37,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from metabatch.backfill import backfill
-from metabatch.campaigns import campaign_runs
-from metabatch.migrate import migrate
+from metabatch.pipeline.backfill import backfill
+from metabatch.synthetic.campaigns import campaign_runs
+from metabatch.stores.migrate import migrate
 from metabatch.models import fit
 from metabatch.snapshot import export_parquet
-from metabatch.space import open_space
+from metabatch.workflows.space import open_space
 from metabatch.stores import open_store
-from metabatch.suggest import DUPLICATE_COSINE, plan_suggestions
+from metabatch.workflows.suggest import DUPLICATE_COSINE, plan_suggestions
 from metabatch.urls import parse_url
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -54,7 +54,7 @@ MODEL = "bench-v2"
 def quality(runs_count: int, targets_count: int, seed: int) -> dict:
     from sklearn.metrics import normalized_mutual_info_score
 
-    from metabatch.cluster import cluster_runs
+    from metabatch.workflows.cluster import cluster_runs
 
     report = {}
     with tempfile.TemporaryDirectory() as tmp:

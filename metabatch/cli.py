@@ -19,7 +19,7 @@ import click
 
 from . import __version__
 from .errors import MetabatchError
-from .retry import DEFAULT_RETRIES
+from .pipeline.retry import DEFAULT_RETRIES
 from .urls import RUNTIME_ENV, HISTORICAL_ENV, redact, resolve_urls
 
 # --------------------------------------------------------------------------
@@ -313,7 +313,7 @@ def migrate(urls):
     Example:
       metabatch migrate --runtime-url postgresql://root@127.0.0.1:5432/test
     """
-    from .migrate import migrate as run_migrate
+    from .stores.migrate import migrate as run_migrate
 
     applied = run_migrate(urls.runtime, urls.historical)
     for url, steps in applied.items():
@@ -339,7 +339,7 @@ def seed(urls, n_runs, seed, kind, quiet):
       metabatch seed --runs 100000 --seed 7
       metabatch seed --runs 20000 --kind campaigns
     """
-    from .seed import seed_runs
+    from .synthetic.seed import seed_runs
 
     report, finish = progress_reporter(quiet, "seeding")
     try:
@@ -412,8 +412,8 @@ def backfill(ctx, urls, strategy_ids, start, end, limit, w_config, w_env, w_outc
       metabatch backfill --missing --joint-model-id my-v2   # only runs added since
       metabatch backfill --ray auto --joint-model-id my-v2  # sharded over a Ray cluster
     """
-    from .backfill import backfill as run_backfill
-    from .embed import Weights
+    from .pipeline.backfill import backfill as run_backfill
+    from .pipeline.embed import Weights
 
     if not (w_config > 0 or w_env > 0 or w_outcome > 0):
         raise click.UsageError("at least one of --w-config, --w-env, --w-outcome must be > 0")
@@ -424,7 +424,7 @@ def backfill(ctx, urls, strategy_ids, start, end, limit, w_config, w_env, w_outc
         ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT for name in ("w_config", "w_env", "w_outcome")
     )
     if ray_address is not None:
-        from .distributed import ray_backfill
+        from .pipeline.distributed import ray_backfill
 
         report, finish = ray_reporter(quiet or as_json, "backfill")
         try:
@@ -513,14 +513,14 @@ def fit(urls, strategy_ids, start, end, limit, joint_model_id, model_file, refit
       metabatch backfill --joint-model-id my-v2
       metabatch fit --ray auto --joint-model-id my-v2 --model-file model.toml
     """
-    from .modelfile import ModelSpec, load_model_file
-    from .models import fit as run_fit
+    from .models.modelfile import ModelSpec, load_model_file
+    from .models.registry import fit as run_fit
 
     check_ray_options(ray_address, shards)
     selection = _selection(strategy_ids, start, end, limit)
     spec = load_model_file(model_file) if model_file else ModelSpec()
     if ray_address is not None:
-        from .distributed import ray_fit
+        from .pipeline.distributed import ray_fit
 
         report, finish = ray_reporter(quiet or as_json, "fit")
         try:
@@ -593,8 +593,8 @@ def models(urls, fmt, explain_id):
     """
     import polars as pl
 
-    from .models import list_models
-    from .query import format_frame
+    from .models.registry import list_models
+    from .snapshot.query import format_frame
 
     if explain_id is not None:
         _explain(urls, explain_id, fmt)
@@ -618,9 +618,9 @@ def models(urls, fmt, explain_id):
 
 
 def _explain(urls, model_id: str, fmt: str) -> None:
-    from .explain import explain_model, explain_unregistered
-    from .models import registered
-    from .query import format_frame
+    from .models.explain import explain_model, explain_unregistered
+    from .models.registry import registered
+    from .snapshot.query import format_frame
 
     model = registered(urls.historical, model_id)
     if model is None:
@@ -753,7 +753,7 @@ def show(urls, snapshot, as_of, start, end, run_ids, strategy_ids, universe_ids,
           --end 2025-12-31 --model-id joint-meta-config-env-v1 --limit 200
       metabatch show --snapshot ./snapshot --run-id BT_RUN_123 --format table
     """
-    from .query import format_frame, show as run_show
+    from .snapshot.query import format_frame, show as run_show
 
     if as_of and (start or end):
         raise click.UsageError("use either --as-of or --start/--end, not both")
@@ -796,7 +796,7 @@ def similar(urls, snapshot, run_id, model_id, strategy_ids, start, end, top_k, c
       metabatch similar --snapshot ./snapshot --run-id BT_RUN_123 --format table
       metabatch similar --run-id BT_RUN_123 --model-id my-v2 --branch env
     """
-    from .query import format_frame, similar as run_similar
+    from .snapshot.query import format_frame, similar as run_similar
 
     if start and end and start > end:
         raise click.UsageError(f"--start {start} is after --end {end}")
@@ -843,7 +843,7 @@ def sql(query, snapshot, fmt):
       echo "SELECT strategy_id, avg(l2_norm) FROM embeddings GROUP BY 1" | metabatch sql --snapshot ./snapshot --format csv
       metabatch sql --snapshot ./snapshot "SELECT run_id, vector FROM embeddings LIMIT 1" > one.csv
     """
-    from .query import format_frame, sql as run_sql
+    from .snapshot.query import format_frame, sql as run_sql
 
     if query is None or query == "-":
         if sys.stdin.isatty():
@@ -913,8 +913,8 @@ def suggest(urls, model_id, snapshot, strategy_ids, start, end, like_run, env, m
       metabatch suggest --env market_id=US_EQ --env universe_id=US_EQ_SP500 \\
           --env assessment_horizon_days=21 --model-id my-v2 --format json
     """
-    from .query import format_frame
-    from .suggest import plan_suggestions
+    from .snapshot.query import format_frame
+    from .workflows.suggest import plan_suggestions
 
     if start and end and start > end:
         raise click.UsageError(f"--start {start} is after --end {end}")
@@ -980,8 +980,8 @@ def cluster(urls, model_id, snapshot, strategy_ids, start, end, on, k, seed, met
       metabatch cluster --model-id my-v2 --on config --k 40 --out clusters.parquet
       metabatch cluster --snapshot ./snapshot --model-id my-v2 --on joint
     """
-    from .cluster import COARSE_SHARE, SPLIT_SILHOUETTE, cluster_runs, snapshot_clusters_path, write_assignments
-    from .query import format_frame
+    from .workflows.cluster import COARSE_SHARE, SPLIT_SILHOUETTE, cluster_runs, snapshot_clusters_path, write_assignments
+    from .snapshot.query import format_frame
 
     if start and end and start > end:
         raise click.UsageError(f"--start {start} is after --end {end}")
@@ -1053,7 +1053,7 @@ def landscape(urls, model_id, snapshot, strategy_ids, start, end, out, color, on
       metabatch landscape --snapshot ./snapshot --model-id my-v2 --on config --color cluster --out landscape.png
       metabatch landscape --snapshot ./snapshot --layout pca --out landscape-pca.html
     """
-    from .landscape import draw_landscape
+    from .workflows.landscape import draw_landscape
 
     if start and end and start > end:
         raise click.UsageError(f"--start {start} is after --end {end}")
@@ -1088,6 +1088,6 @@ def demo(n_runs, directory):
     Example:
       metabatch demo --runs 20000 --dir ./metabatch-demo
     """
-    from .demo import run_demo
+    from .synthetic.demo import run_demo
 
     run_demo(n_runs, directory, echo=click.echo)

@@ -6,7 +6,7 @@ window (``datetime.date`` or None), and returns
 ``(vector bytes, source)``, ``(None, "")`` when no branch is taken, or
 ``(None, reason)`` for a truthy non-object. It walks the JSON with ordinary
 recursion and loops, one feature at a time, following the rules the
-``metabatch.encoders.v2`` docstring states; nothing is shared with the package
+``metabatch.models.encoders.v2`` docstring states; nothing is shared with the package
 but the parameters.
 """
 

@@ -16,9 +16,9 @@ import pytest
 
 import reference_v1 as ref
 from helpers import embeddings, execute, run_texts
-from metabatch.backfill import backfill, first_batch_rows
-from metabatch.embed import Weights
-from metabatch.migrate import migrate
+from metabatch.pipeline.backfill import backfill, first_batch_rows
+from metabatch.pipeline.embed import Weights
+from metabatch.stores.migrate import migrate
 from metabatch.stores import open_store
 from metabatch.stores.base import RunSelection
 from metabatch.urls import parse_url

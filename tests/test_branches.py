@@ -20,20 +20,20 @@ from hypothesis import strategies as st
 from sklearn.metrics import normalized_mutual_info_score
 
 from helpers import embeddings
-from metabatch.backfill import backfill
+from metabatch.pipeline.backfill import backfill
 from metabatch.cli import main
-from metabatch.cluster import cluster_runs
-from metabatch.encoders.v2 import SLICES, V2Encoder, V2Model
-from metabatch.fit import fit_model
-from metabatch.migrate import migrate
-from metabatch.modelfile import ModelSpec, parse_model_file
+from metabatch.workflows.cluster import cluster_runs
+from metabatch.models.encoders.v2 import SLICES, V2Encoder, V2Model
+from metabatch.models.fitting import fit_model
+from metabatch.stores.migrate import migrate
+from metabatch.models.modelfile import ModelSpec, parse_model_file
 from metabatch.models import content_hash, registered
 from metabatch.models import fit as fit_and_register
-from metabatch.seed import SCHEMA
-from metabatch.shapes import labelled_runs
+from metabatch.synthetic.seed import SCHEMA
+from metabatch.synthetic.shapes import labelled_runs
 from metabatch.snapshot import export_parquet
 from metabatch.stores import open_store
-from metabatch.suggest import plan_suggestions
+from metabatch.workflows.suggest import plan_suggestions
 from metabatch.urls import parse_url
 from reference_v2 import encode_run
 

@@ -59,7 +59,7 @@ def test_unreachable_database_is_one_line_without_password():
 
 def test_an_unreachable_historical_database_fails_cleanly_while_runs_are_read(pg_url):
     # the historical store is opened while the first batch is being read
-    from metabatch.migrate import migrate
+    from metabatch.stores.migrate import migrate
     from metabatch.stores import open_store
     from metabatch.urls import parse_url
 
@@ -80,7 +80,7 @@ def test_missing_table_says_to_migrate(pg_url):
 
 
 def test_backfill_summary_and_json(pg_url):
-    from metabatch.migrate import migrate
+    from metabatch.stores.migrate import migrate
     from metabatch.stores import open_store
     from metabatch.urls import parse_url
 
@@ -107,8 +107,8 @@ def test_python_dash_m_runs_the_cli():
 
 def test_export_shows_progress_on_a_terminal_and_quiet_silences_it(pg_url, tmp_path, monkeypatch):
     import metabatch.cli as cli
-    from metabatch.backfill import backfill
-    from metabatch.migrate import migrate
+    from metabatch.pipeline.backfill import backfill
+    from metabatch.stores.migrate import migrate
     from metabatch.stores import open_store
     from metabatch.urls import parse_url
 

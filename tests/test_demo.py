@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from metabatch.cli import main
-from metabatch.demo import DB_FILE, LANDSCAPE, SNAPSHOT_DIR, V1, V2, run_demo
+from metabatch.synthetic.demo import DB_FILE, LANDSCAPE, SNAPSHOT_DIR, V1, V2, run_demo
 
 RUNS = 2_000
 

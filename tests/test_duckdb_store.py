@@ -14,7 +14,7 @@ import pytest
 
 from helpers import embeddings, execute
 from metabatch.errors import MissingTable, StoreUnreachable
-from metabatch.migrate import migrate
+from metabatch.stores.migrate import migrate
 from metabatch.stores import open_store
 from metabatch.stores.base import EMBEDDING_READ_COLUMNS, RUN_COLUMNS, RUN_DETAIL_COLUMNS, EmbeddingFilter, RunSelection
 from metabatch.urls import parse_url
@@ -232,7 +232,7 @@ def test_read_runs_streams_in_batches(url):
 
 
 def test_read_runs_makes_batches_of_the_asked_sizes(url):
-    from metabatch.read import read_runs
+    from metabatch.pipeline.read import read_runs
 
     store = opened(url)
     try:
@@ -250,7 +250,7 @@ def test_read_runs_makes_batches_of_the_asked_sizes(url):
 def test_read_runs_halves_the_last_batches_of_a_real_store(url):
     import time
 
-    from metabatch.read import read_runs
+    from metabatch.pipeline.read import read_runs
 
     store = opened(url)
     try:
@@ -414,9 +414,9 @@ def test_a_file_that_is_not_duckdb(tmp_path):
 
 
 def test_same_results_as_postgresql(pg_url, tmp_path):
-    from metabatch import query
-    from metabatch.backfill import backfill
-    from metabatch.seed import seed_runs
+    from metabatch.snapshot import query
+    from metabatch.pipeline.backfill import backfill
+    from metabatch.synthetic.seed import seed_runs
 
     urls = {"postgres": parse_url(pg_url), "duckdb": parse_url(f"duckdb://{tmp_path}/same.duckdb")}
     got = {}

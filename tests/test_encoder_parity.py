@@ -1,4 +1,4 @@
-"""Parity: the columnar engine (metabatch.embed) against the per-row reference.
+"""Parity: the columnar engine (metabatch.pipeline.embed) against the per-row reference.
 
 The contract is /work/shared/spec/joint-meta-config-env-v1.md; it is bit exact.
 ``tests/reference_v1.py`` follows it row by row, ``embed_batch`` follows it
@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reference_v1 as ref  # noqa: E402
 
-from metabatch.embed import Weights, embed_batch  # noqa: E402
-from metabatch.encode import DIM, hash_tokens  # noqa: E402
-from metabatch.unnest import ShapeCache, max_depth  # noqa: E402
+from metabatch.pipeline.embed import Weights, embed_batch  # noqa: E402
+from metabatch.pipeline.encode import DIM, hash_tokens  # noqa: E402
+from metabatch.pipeline.unnest import ShapeCache, max_depth  # noqa: E402
 
 # the server, as in conftest.py (no database part)
 PG_SERVER = os.environ.get("METABATCH_TEST_PG", "postgresql://root@127.0.0.1:5432")

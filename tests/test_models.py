@@ -9,11 +9,11 @@ import pytest
 from click.testing import CliRunner
 
 from helpers import embeddings, execute
-from metabatch.campaigns import campaign_runs
+from metabatch.synthetic.campaigns import campaign_runs
 from metabatch.cli import main
 from metabatch.errors import BadInput
-from metabatch.migrate import migrate
-from metabatch.modelfile import PRIOR_ENV, ModelSpec, matches, parse_model_file
+from metabatch.stores.migrate import migrate
+from metabatch.models.modelfile import PRIOR_ENV, ModelSpec, matches, parse_model_file
 from metabatch.models import BUILTIN_V2, list_models, registered
 from metabatch.stores import open_store
 from metabatch.urls import parse_url

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from metabatch.pipes import Prefetch, Stopped, stop_all
+from metabatch.pipeline.pipes import Prefetch, Stopped, stop_all
 
 
 class Source:

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 
 import metabatch
 from helpers import embeddings
-from metabatch import query
+from metabatch.snapshot import query
 from metabatch.cli import main
-from metabatch.embed import JOINT_TYPE
+from metabatch.pipeline.embed import JOINT_TYPE
 from metabatch.errors import BadInput, MetabatchError
 from metabatch.snapshot import export_parquet
 from test_snapshot import MODEL, database, snapshot  # noqa: F401 (shared module fixtures)

@@ -21,11 +21,11 @@ from click.testing import CliRunner
 
 from conftest import drop_database, make_database
 from helpers import embeddings, execute
-from metabatch.backfill import backfill
+from metabatch.pipeline.backfill import backfill
 from metabatch.cli import main
-from metabatch.migrate import migrate
+from metabatch.stores.migrate import migrate
 from metabatch.models import fit
-from metabatch.seed import seed_runs
+from metabatch.synthetic.seed import seed_runs
 from metabatch.stores import open_store
 from metabatch.urls import parse_url
 from runs_data import runs_table
@@ -100,10 +100,10 @@ def test_fit_backfill_and_export_on_ray_equal_the_local_jobs(ray_cluster, twin_d
 
     # export: the snapshot answers as the local one's
     import metabatch
-    from metabatch.cluster import cluster_runs
-    from metabatch.landscape import draw_landscape
+    from metabatch.workflows.cluster import cluster_runs
+    from metabatch.workflows.landscape import draw_landscape
     from metabatch.snapshot import export_parquet
-    from metabatch.suggest import suggest
+    from metabatch.workflows.suggest import suggest
 
     here, there = tmp_path / "local", tmp_path / "ray"
     export_parquet(here, local, local)
@@ -169,7 +169,7 @@ def test_a_node_lost_in_the_middle_costs_a_shard_again_and_no_duplicate(ray_clus
     the rows of a clean run, and no run ever has two rows."""
     import ray
 
-    from metabatch.distributed import ray_backfill
+    from metabatch.pipeline.distributed import ray_backfill
 
     url = _make("sleeves")
     clean = _make("sleeves")

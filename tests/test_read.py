@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metabatch.read import next_batch_rows, read_runs
+from metabatch.pipeline.read import next_batch_rows, read_runs
 from metabatch.stores.base import RunSelection
 
 

@@ -23,11 +23,11 @@ from click.testing import CliRunner
 
 import pg_cluster
 from helpers import embeddings, execute
-from metabatch.backfill import backfill
+from metabatch.pipeline.backfill import backfill
 from metabatch.cli import main
 from metabatch.errors import ConnectionLost, MetabatchError
-from metabatch.migrate import migrate
-from metabatch.seed import seed_runs
+from metabatch.stores.migrate import migrate
+from metabatch.synthetic.seed import seed_runs
 from metabatch.snapshot import export_parquet, read_manifest
 from metabatch.stores.base import RunSelection
 from metabatch.stores.postgres import connection_lost

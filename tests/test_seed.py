@@ -1,4 +1,4 @@
-"""Tests for metabatch.seed: the synthetic backtest_runs generator (no database)."""
+"""Tests for metabatch.synthetic.seed: the synthetic backtest_runs generator (no database)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from metabatch.seed import SEED_COLUMNS, _batch, generate_runs
+from metabatch.synthetic.seed import SEED_COLUMNS, _batch, generate_runs
 
 N_SAMPLE = 20_000
 

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reference_v1 as ref
-from metabatch.embed import Weights, embed_batch
-from metabatch.unnest import ShapeCache, text_members
+from metabatch.pipeline.embed import Weights, embed_batch
+from metabatch.pipeline.unnest import ShapeCache, text_members
 
 KEYS = st.sampled_from(["a", "b", "market_id", "lookback", "sleeves", "x y", "A", "é", ""])
 SCALARS = st.one_of(
@@ -128,7 +128,7 @@ def test_a_new_key_after_a_blank_before_its_colon_is_not_lost():
 def test_empty_objects_and_colliding_keys_keep_the_cached_structure(monkeypatch):
     """A few '{}' or case-colliding keys in a batch must not cost every later
     batch a structure inference over all its runs (and vectors stay exact)."""
-    from metabatch import unnest
+    from metabatch.pipeline import unnest
 
     inferred = []
     real = unnest._Builder._structure
@@ -151,7 +151,7 @@ def test_a_batch_parsed_ahead_with_an_older_structure():
     """A backfill's reader thread parses the next batch with the structure it
     finds while the previous batch is still being encoded (and may add keys):
     the vectors stay exact, and no batch's additions to the cache are lost."""
-    from metabatch.embed import prepare_runs
+    from metabatch.pipeline.embed import prepare_runs
 
     con, reader_con, cache = duckdb.connect(), duckdb.connect(), ShapeCache()
     first = _table([{"a": i, "b": "x"} for i in range(3000)], 0)

@@ -1,4 +1,4 @@
-"""Shards of a selection (metabatch/shards.py) and `backfill --missing`, without Ray:
+"""Shards of a selection (metabatch/stores/shards.py) and `backfill --missing`, without Ray:
 the bucket of a run id is the same in PostgreSQL, DuckDB and Python; the shards
 of a selection are a partition of it (the limit taken first); overlapping
 writers of different shards never duplicate a row; --missing embeds exactly
@@ -16,11 +16,11 @@ from click.testing import CliRunner
 
 from conftest import pg_query
 from helpers import embeddings, execute
-from metabatch.backfill import backfill
+from metabatch.pipeline.backfill import backfill
 from metabatch.cli import main
-from metabatch.migrate import migrate
-from metabatch.seed import seed_runs
-from metabatch.shards import BUCKETS, Shard, bucket_sql, buckets_of, split_by_shard
+from metabatch.stores.migrate import migrate
+from metabatch.synthetic.seed import seed_runs
+from metabatch.stores.shards import BUCKETS, Shard, bucket_sql, buckets_of, split_by_shard
 from metabatch.stores import open_store
 from metabatch.stores.base import RunSelection
 from metabatch.urls import parse_url

@@ -25,12 +25,12 @@ from click.testing import CliRunner
 
 from conftest import drop_database, make_database
 from helpers import embeddings, execute, run_texts
-from metabatch.backfill import backfill
+from metabatch.pipeline.backfill import backfill
 from metabatch.cli import main
-from metabatch.embed import JOINT_TYPE
+from metabatch.pipeline.embed import JOINT_TYPE
 from metabatch.errors import MetabatchError
-from metabatch.migrate import migrate
-from metabatch.seed import seed_runs
+from metabatch.stores.migrate import migrate
+from metabatch.synthetic.seed import seed_runs
 from metabatch.snapshot import export_parquet, read_manifest
 from metabatch.urls import parse_url
 

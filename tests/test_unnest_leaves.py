@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from metabatch.unnest import ShapeCache, _all_numbers, _first_bytes, _json_strings, unnest_config
+from metabatch.pipeline.unnest import ShapeCache, _all_numbers, _first_bytes, _json_strings, unnest_config
 
 
 @pytest.mark.parametrize(

@@ -86,7 +86,7 @@ def test_unreachable_host_from_the_environment(run):
 
 
 def test_unreachable_historical_url(run, tmp_path):
-    from metabatch.migrate import migrate
+    from metabatch.stores.migrate import migrate
 
     runtime = f"duckdb://{tmp_path}/runs.duckdb"
     migrate(parse_url(runtime))

@@ -13,12 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from metabatch.campaigns import campaign_runs
-from metabatch.encoders.v2 import SLICES, V2Encoder, V2Model
-from metabatch.fit import FitOptions, RunSample, fit_model
-from metabatch.modelfile import ModelSpec, parse_model_file
-from metabatch.seed import SCHEMA
-from metabatch.unnest import ShapeCache
+from metabatch.synthetic.campaigns import campaign_runs
+from metabatch.models.encoders.v2 import SLICES, V2Encoder, V2Model
+from metabatch.models.fitting import FitOptions, RunSample, fit_model
+from metabatch.models.modelfile import ModelSpec, parse_model_file
+from metabatch.synthetic.seed import SCHEMA
+from metabatch.pipeline.unnest import ShapeCache
 from reference_v2 import encode_run
 
 KEYS = ["a", "b", "c", "kind", "lookback", "market_id", "universe_id", "tags", "signals", "name", "w", "a.b", "Ä"]

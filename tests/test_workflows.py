@@ -14,15 +14,15 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from metabatch.backfill import backfill
-from metabatch.campaigns import campaign_runs
+from metabatch.pipeline.backfill import backfill
+from metabatch.synthetic.campaigns import campaign_runs
 from metabatch.cli import main
-from metabatch.cluster import cluster_runs
-from metabatch.migrate import migrate
+from metabatch.workflows.cluster import cluster_runs
+from metabatch.stores.migrate import migrate
 from metabatch.models import fit
 from metabatch.snapshot import export_parquet
 from metabatch.stores import open_store
-from metabatch.suggest import plan_suggestions, suggest
+from metabatch.workflows.suggest import plan_suggestions, suggest
 from metabatch.urls import parse_url
 
 MODEL = "wf-v2"
@@ -230,7 +230,7 @@ def test_landscape_page_is_self_contained_and_draws_its_points(pages, layout, tm
 def _trustworthiness(world, page, on="joint") -> float:
     from sklearn.manifold import trustworthiness
 
-    from metabatch.space import open_space
+    from metabatch.workflows.space import open_space
 
     points = drawn_points(page_spec(page)).select("run_id", "x", "y")
     space = open_space(MODEL, snapshot=world["snapshot"])
@@ -242,7 +242,7 @@ def test_tsne_keeps_each_runs_neighbours_better_than_pca(world, pages, tmp_path,
     tsne, pca = _trustworthiness(world, pages["tsne"]), _trustworthiness(world, pages["pca"])
     assert tsne >= 0.99 and tsne > pca, (tsne, pca)
     # Above TSNE_SAMPLE runs, t-SNE lays out a sample and places the others among it: as good.
-    from metabatch import landscape
+    from metabatch.workflows import landscape
 
     monkeypatch.setattr(landscape, "TSNE_SAMPLE", 1000)
     placed = landscape.draw_landscape(MODEL, out=tmp_path / "placed.html", snapshot=world["snapshot"])
@@ -251,7 +251,7 @@ def test_tsne_keeps_each_runs_neighbours_better_than_pca(world, pages, tmp_path,
 
 
 def test_the_same_seed_draws_the_same_map(world, pages, tmp_path):
-    from metabatch.landscape import draw_landscape
+    from metabatch.workflows.landscape import draw_landscape
 
     again = draw_landscape(MODEL, out=tmp_path / "again.html", color="annualised_sharpe", snapshot=world["snapshot"])
     first = drawn_points(page_spec(pages["tsne"])).select("run_id", "x", "y").sort("run_id")
@@ -259,7 +259,7 @@ def test_the_same_seed_draws_the_same_map(world, pages, tmp_path):
 
 
 def test_a_metric_with_a_neutral_point_diverges_from_it_else_is_sequential(world, pages, tmp_path):
-    from metabatch.landscape import ABOVE, BELOW, NEITHER, neutral_value
+    from metabatch.workflows.landscape import ABOVE, BELOW, NEITHER, neutral_value
 
     scale = page_spec(pages["tsne"])["layer"][0]["encoding"]["color"]["scale"]
     low, mid, high = scale["domain"]
@@ -277,8 +277,8 @@ def test_a_metric_with_a_neutral_point_diverges_from_it_else_is_sequential(world
 
 @pytest.mark.parametrize("k", [12, 24])
 def test_landscape_tells_every_cluster_apart(world, tmp_path, k):
-    from metabatch.cluster import write_assignments
-    from metabatch.landscape import GREY, LABELLED
+    from metabatch.workflows.cluster import write_assignments
+    from metabatch.workflows.landscape import GREY, LABELLED
 
     clusters = write_assignments(cluster_runs(MODEL, on="config", k=k, snapshot=world["snapshot"]), tmp_path / "clusters.parquet")
     page = tmp_path / "clusters.html"
@@ -321,7 +321,7 @@ def test_landscape_picture_and_a_stratified_sample(world, tmp_path):
 
 
 def test_category_order_reads_numbers_by_value():
-    from metabatch.landscape import category_order
+    from metabatch.workflows.landscape import category_order
 
     assert category_order(["10", "2", "other", "1", "(none)", "0", "11"]) == ["0", "1", "2", "10", "11", "(none)", "other"]
     assert category_order(["US_EQ", "CRYPTO", "(none)"]) == ["CRYPTO", "US_EQ", "(none)"]
@@ -346,7 +346,7 @@ def test_similar_on_one_branch(world, where):
 
 
 def test_a_stratified_sample_keeps_each_stratum_in_proportion():
-    from metabatch.landscape import _stratified
+    from metabatch.workflows.landscape import _stratified
 
     rng = np.random.default_rng(3)
     frame = pl.DataFrame({"position": np.arange(900_000), "strategy_id": rng.choice(["A", "B", "C", "D"], 900_000, p=[0.5, 0.3, 0.19, 0.01])})
@@ -360,7 +360,7 @@ def test_a_stratified_sample_keeps_each_stratum_in_proportion():
 
 
 def test_a_stratified_sample_keeps_at_least_the_minimum_of_each_stratum():
-    from metabatch.landscape import _stratified
+    from metabatch.workflows.landscape import _stratified
 
     frame = pl.DataFrame({"position": np.arange(10_030), "color": ["big"] * 10_000 + ["small"] * 30})
     sample = _stratified(frame, "color", 1000, seed=2, minimum=50)

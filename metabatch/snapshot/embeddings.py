@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..embed import DIM
+from ..pipeline.embed import DIM
 from .vectors import SharedVectorFile, VectorFile, l2_norms, vector_dims, vector_matrix
 
 # Rows per Parquet row group, and per part file.

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..embed import JOINT_TYPE
+from ..pipeline.embed import JOINT_TYPE
 from ..errors import BadInput, ConnectionLost, MetabatchError
-from ..pipes import Prefetch, stop_all
-from ..retry import DEFAULT_RETRIES, Retries, open_for_attempt
+from ..pipeline.pipes import Prefetch, stop_all
+from ..pipeline.retry import DEFAULT_RETRIES, Retries, open_for_attempt
 from ..stores.base import EmbeddingFilter, RunSelection
 from ..urls import DatabaseURL, parse_url
 from .embeddings import EmbeddingWriter, Layout, embedding_parts, write_parts

@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from .. import __version__
-from ..embed import JOINT_TYPE
+from ..pipeline.embed import JOINT_TYPE
 from ..errors import MetabatchError
 from ..urls import DatabaseURL
 

@@ -16,8 +16,8 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
-from ..environments import extract_env_values, json_paths, window_keys, window_values
-from ..models import RegisteredModel
+from ..workflows.environments import extract_env_values, json_paths, window_keys, window_values
+from ..models.registry import RegisteredModel
 from .embeddings import model_dir_name
 
 

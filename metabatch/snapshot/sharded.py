@@ -32,10 +32,10 @@ from typing import Callable
 import polars as pl
 import pyarrow as pa
 
-from ..embed import DIM, JOINT_TYPE
+from ..pipeline.embed import DIM, JOINT_TYPE
 from ..errors import BadInput, MetabatchError
-from ..retry import Retries
-from ..shards import Shard
+from ..pipeline.retry import Retries
+from ..stores.shards import Shard
 from ..stores.base import EmbeddingFilter, RunSelection
 from ..urls import DatabaseURL
 from .embeddings import Layout, model_dir_name
@@ -74,7 +74,7 @@ def _remove_shard_files(build: Path, prefix: str) -> None:
 def export_shard(shard: Shard, args: _ExportArgs, tracker):
     """One shard of an export, on a Ray worker: ``export.write_files`` over the
     shard's embeddings and runs; returns (its sections, retries, its task's details)."""
-    from ..distributed import _Reporter, shard_errors
+    from ..pipeline.distributed import _Reporter, shard_errors
 
     with shard_errors():
         reporter = _Reporter(tracker, shard, args.version)
@@ -108,7 +108,7 @@ def export_on_ray(
     """Export the snapshot of ``flt`` and ``selection`` to ``out`` (see the module
     docstring); ``chosen``: the manifest's selection."""
     from .. import __version__
-    from ..distributed import _shards, default_shards, run_shards
+    from ..pipeline.distributed import _shards, default_shards, run_shards
     from ..stores import open_store
 
     started = time.perf_counter()
@@ -286,8 +286,8 @@ def ray_export(
     """``snapshot.export_parquet`` sharded over the Ray cluster at ``address``
     (``snapshot.sharded``): the same snapshot. ``out`` must be a folder every
     node of the cluster sees (a shared file system)."""
-    from ..distributed import RaySession, check_shards, check_stores
-    from ..retry import DEFAULT_RETRIES
+    from ..pipeline.distributed import RaySession, check_shards, check_stores
+    from ..pipeline.retry import DEFAULT_RETRIES
     from .export import _ids
 
     runtime_url = runtime_url or historical_url

@@ -14,7 +14,7 @@ from typing import Iterator, Protocol
 import pyarrow as pa
 
 from ..errors import MetabatchError, MissingTable
-from ..shards import Shard
+from .shards import Shard
 from ..urls import DatabaseURL
 
 # Columns of backtest_runs the pipeline reads, JSON as text (start_date: the

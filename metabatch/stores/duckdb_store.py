@@ -54,7 +54,7 @@ import pyarrow.compute as pc
 
 from ..errors import MetabatchError, MissingTable, StoreUnreachable
 from ..resources import resource_dir
-from ..shards import Shard, shard_condition
+from .shards import Shard, shard_condition
 from ..urls import DatabaseURL
 from .base import EmbeddingFilter, ModelExists, RunSelection, model_params, model_row, require_columns
 

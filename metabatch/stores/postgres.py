@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from ..errors import ConnectionLost, StoreUnreachable
 from ..resources import resource_dir
 from ..urls import DatabaseURL
-from ..shards import Shard, bucket_sql, shard_condition
+from .shards import Shard, bucket_sql, shard_condition
 from .base import (
     EMBEDDING_READ_COLUMNS,
     RUN_COLUMNS,

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..unnest import ShapeCache
+from ...pipeline.unnest import ShapeCache
 
 JOINT_TYPE = "META_CONFIG_ENV_V0"
 DIM = 384

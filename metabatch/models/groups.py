@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from .encoders.v2 import SLICES, PathModel, PathValues, V2Model, _joined, _Slicer, encode, row_means
 from .kmeans import kmeans
-from .unnest import PathLeaves
+from ..pipeline.unnest import PathLeaves
 
 KINDS = ("present", "number", "length", "string", "date")
 # weights under this are taken as 0: mutual information estimated on a sample

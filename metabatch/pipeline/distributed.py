@@ -41,11 +41,11 @@ from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 
-from . import __version__
-from .errors import BadInput, MetabatchError
-from .shards import BUCKETS, Shard, split_by_shard
-from .stores.base import RunSelection
-from .urls import DatabaseURL
+from .. import __version__
+from ..errors import BadInput, MetabatchError
+from ..stores.shards import BUCKETS, Shard, split_by_shard
+from ..stores.base import RunSelection
+from ..urls import DatabaseURL
 
 # Ray runs a shard again on another node this many times when its node is lost.
 TASK_RETRIES = 3
@@ -378,7 +378,7 @@ def backfill_on_ray(
     merged ``BackfillSummary`` (shards, nodes, task retries, per shard)."""
     from .backfill import BackfillSummary
     from .embed import JOINT_TYPE
-    from .stores import open_store
+    from ..stores import open_store
 
     started = time.perf_counter()
     ray = session.ray
@@ -453,7 +453,7 @@ def merge_backfills(summary, outcomes: Iterable[tuple], progress: JobProgress) -
 def sample_shard(shard: Shard, runtime_url: DatabaseURL, selection: RunSelection, batch_rows: int, sample_runs: int, version: str, tracker):
     """One shard's bottom-k sample, on a Ray worker: (runs read, the sample's
     runs with their hash) and the task's details."""
-    from .models import draw_sample
+    from ..models.registry import draw_sample
 
     with shard_errors():
         reporter = _Reporter(tracker, shard, version)
@@ -474,8 +474,8 @@ def draw_sample_on_ray(
 ):
     """The fit's sample of the selected runs (a ``fit.RunSample``), drawn shard by
     shard on the cluster and merged: the same runs a local fit samples."""
-    from .fit import RunSample
-    from .stores import open_store
+    from ..models.fitting import RunSample
+    from ..stores import open_store
 
     count = shards or default_shards(session.cpus())
     total = None
@@ -522,7 +522,7 @@ def ray_backfill(
     for it. Returns the merged ``BackfillSummary``."""
     from .backfill import DEFAULT_BATCH_ROWS
     from .embed import DEFAULT_MODEL_ID, Weights
-    from .models import encoder_for
+    from ..models.registry import encoder_for
     from .retry import DEFAULT_RETRIES
 
     historical_url = historical_url or runtime_url
@@ -572,8 +572,8 @@ def ray_fit(
 ):
     """``models.fit`` with its sample drawn shard by shard on the Ray cluster at
     ``address``: the same model as a local fit (same content hash)."""
-    from .fit import SAMPLE_RUNS
-    from .models import BUILTIN_V2, fit
+    from ..models.fitting import SAMPLE_RUNS
+    from ..models.registry import BUILTIN_V2, fit
 
     historical_url = historical_url or runtime_url
     check_shards(shards)

@@ -80,7 +80,7 @@ from .encoders.v2 import (
 from .groups import Clusters, as_leaves, explained, groups_of, intraclass, set_weights, zero_constant_groups
 from .branches import learn_branches
 from .modelfile import PRIOR_ENV, PRIOR_ENV_METRICS, ModelSpec, matches
-from .unnest import collect_config, collect_metrics
+from ..pipeline.unnest import collect_config, collect_metrics
 
 SAMPLE_RUNS = 20_000
 MAX_KNOTS = 16

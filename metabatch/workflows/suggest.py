@@ -42,7 +42,7 @@ import numpy as np
 import polars as pl
 
 from .environments import encode_envs, env_keys, parse_value, resolve_key
-from .errors import BadInput
+from ..errors import BadInput
 from .space import Space, open_space
 
 DEFAULT_METRIC = "annualised_sharpe"

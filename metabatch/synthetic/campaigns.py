@@ -42,7 +42,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from .stores.base import RUN_SCHEMA as SCHEMA
+from ..stores.base import RUN_SCHEMA as SCHEMA
 
 # --------------------------------------------------------------------------
 # Environments: (market, universe, assessment, horizon) and the period's descriptors

@@ -28,11 +28,11 @@ import pyarrow as pa
 
 import pyarrow.compute as pc
 
-from .encoders.base import split_top_level
-from .encoders.dates import days_of
-from .encoders.v2 import SLICES, V2Model, encode
-from .errors import BadInput
-from .unnest import PathLeaves, collect_config, collect_metrics
+from ..models.encoders.base import split_top_level
+from ..models.encoders.dates import days_of
+from ..models.encoders.v2 import SLICES, V2Model, encode
+from ..errors import BadInput
+from ..pipeline.unnest import PathLeaves, collect_config, collect_metrics
 
 
 def env_keys(model: V2Model) -> dict[str, str]:

@@ -30,14 +30,14 @@ import pyarrow as pa
 
 from .embed import DEFAULT_MODEL_ID, JOINT_TYPE, Weights
 from .encode import DIM
-from .encoders.base import Encoder
-from .errors import ConnectionLost, MetabatchError
+from ..models.encoders.base import Encoder
+from ..errors import ConnectionLost, MetabatchError
 from .pipes import Prefetch, stop_all
 from .read import read_runs
 from .retry import DEFAULT_RETRIES, Retries, open_for_attempt
-from .stores.base import RunSelection
+from ..stores.base import RunSelection
 from .unnest import ShapeCache
-from .urls import DatabaseURL
+from ..urls import DatabaseURL
 from .write import write_batch
 
 DEFAULT_BATCH_ROWS = 25_000
@@ -223,7 +223,7 @@ def backfill(
     historical_url = historical_url or runtime_url
     fitted = None
     if encoder is None:
-        from .models import encoder_for
+        from ..models.registry import encoder_for
 
         encoder, fitted = encoder_for(runtime_url, historical_url, model_id, weights, weights_given, selection)
     job = _Job(runtime_url, historical_url, selection, encoder, batch_rows, on_progress, missing, count_total)

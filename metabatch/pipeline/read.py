@@ -21,7 +21,7 @@ from typing import Iterator
 
 import pyarrow as pa
 
-from .stores.base import RunSelection, Store
+from ..stores.base import RunSelection, Store
 
 
 def next_batch_rows(size: int, rows_left: int, ended: bool, last_rows: int) -> int:

@@ -20,7 +20,7 @@ import json
 import polars as pl
 
 from .encoders.v2 import V2Model
-from .errors import BadInput
+from ..errors import BadInput
 
 ORDER = {"env": 0, "outcome": 1, "config": 2, "none": 3}
 SCHEMA = {

@@ -57,7 +57,7 @@ import numpy as np
 import polars as pl
 import vl_convert  # vl-convert-python: the page's inlined Vega scripts and the PNG (4 ms to import)
 
-from .errors import BadInput
+from ..errors import BadInput
 from .space import Space, open_space, with_random_rank
 
 LAYOUTS = ("tsne", "pca")

@@ -47,7 +47,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from .stores.base import RUN_SCHEMA
+from ..stores.base import RUN_SCHEMA
 
 SEED_COLUMNS = ("run_id", "strategy_id", "config_json", "start_date", "end_date", "universe_id", "metrics_json")
 
@@ -585,7 +585,7 @@ def seed_runs(url, n: int, seed: int = 7, on_progress=None, batch_rows: int = 50
     of runs inserted. ``on_progress(done, total)`` is called after each batch.
     """
     from .campaigns import generate_campaign_runs
-    from .stores import open_store
+    from ..stores import open_store
 
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}: {' or '.join(KINDS)}")

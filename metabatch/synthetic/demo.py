@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .urls import DatabaseURL, parse_url
+from ..urls import DatabaseURL, parse_url
 
 DEFAULT_RUNS = 20_000
 DEFAULT_DIR = "metabatch-demo"
@@ -90,14 +90,14 @@ def run_demo(
     echo: Callable[[str], Any] = print,
 ) -> DemoResult:
     """Run the pipeline end to end on ``directory``/metabatch-demo.duckdb (see the module docstring)."""
-    from . import query
-    from .backfill import backfill
-    from .cluster import cluster_runs, snapshot_clusters_path, write_assignments
-    from .landscape import draw_landscape
-    from .migrate import migrate
+    from ..snapshot import query
+    from ..pipeline.backfill import backfill
+    from ..workflows.cluster import cluster_runs, snapshot_clusters_path, write_assignments
+    from ..workflows.landscape import draw_landscape
+    from ..stores.migrate import migrate
     from .seed import seed_runs
-    from .snapshot import check_out_folder, export_parquet
-    from .suggest import plan_suggestions
+    from ..snapshot import check_out_folder, export_parquet
+    from ..workflows.suggest import plan_suggestions
 
     started = time.perf_counter()
     directory = Path(directory).absolute()

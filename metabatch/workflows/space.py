@@ -33,11 +33,11 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from .embed import DIM
-from .errors import BadInput, MetabatchError
-from .models import RegisteredModel
-from .snapshot import read_manifest
-from .urls import DatabaseURL, parse_url
+from ..pipeline.embed import DIM
+from ..errors import BadInput, MetabatchError
+from ..models.registry import RegisteredModel
+from ..snapshot import read_manifest
+from ..urls import DatabaseURL, parse_url
 
 RUN_COLUMNS = ("run_id", "strategy_id", "universe_id", "as_of_date", "source")
 
@@ -280,8 +280,8 @@ def _run_columns(folder: Path, manifest: dict, model_id: str) -> tuple[pl.DataFr
 
 
 def _from_database(model_id, historical_url, runtime_url, strategy_ids, start, end) -> Space:
-    from .snapshot import export_parquet
-    from .urls import resolve_urls
+    from ..snapshot import export_parquet
+    from ..urls import resolve_urls
 
     historical = historical_url if isinstance(historical_url, DatabaseURL) else (parse_url(historical_url) if historical_url else None)
     runtime = runtime_url if isinstance(runtime_url, DatabaseURL) else (parse_url(runtime_url) if runtime_url else None)
@@ -290,7 +290,7 @@ def _from_database(model_id, historical_url, runtime_url, strategy_ids, start, e
         historical, runtime = resolved.historical, resolved.runtime
     historical = historical or runtime
     runtime = runtime or historical
-    from .models import registered
+    from ..models.registry import registered
 
     model = registered(historical, model_id)
     if model is None:

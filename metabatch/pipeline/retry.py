@@ -15,11 +15,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Callable, TypeVar
 
-from .errors import ConnectionLost, StoreUnreachable
-from .urls import DatabaseURL
+from ..errors import ConnectionLost, StoreUnreachable
+from ..urls import DatabaseURL
 
 if TYPE_CHECKING:
-    from .stores import Store
+    from ..stores import Store
 
 DEFAULT_RETRIES = 5
 MAX_WAIT_SECONDS = 30.0
@@ -35,7 +35,7 @@ def wait_seconds(retry: int) -> float:
 def open_for_attempt(url: DatabaseURL, first: bool, read_only: bool = False) -> Store:
     """``open_store``; on a job's first attempt a connection that cannot be made
     is a plain StoreUnreachable (not retried), on later ones a ConnectionLost."""
-    from .stores import open_store  # here, so that the CLI imports this module cheaply
+    from ..stores import open_store  # here, so that the CLI imports this module cheaply
 
     try:
         return open_store(url, read_only=read_only)

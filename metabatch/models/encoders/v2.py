@@ -2,7 +2,7 @@
 neighbours share kind of config and kind of environment.
 
 Takes the leaves of a batch by path (``unnest.collect_config`` /
-``collect_metrics``) and a ``V2Model`` (fitted by ``metabatch.fit``); returns
+``collect_metrics``) and a ``V2Model`` (fitted by ``metabatch.models.fitting``); returns
 the (n, 384) float32 vectors and which branches each run has.
 
 - **Stable slots.** Every feature has a name (``risk.vol_target#z``,
@@ -59,11 +59,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..combine import SOURCE_TAGS
+from ...pipeline.combine import SOURCE_TAGS
 from ..modelfile import BRANCHES, matches
-from ..unnest import PathLeaves, RootParse, ShapeCache, TextFacts, collect_config, collect_metrics, parse_config, text_facts
+from ...pipeline.unnest import PathLeaves, RootParse, ShapeCache, TextFacts, collect_config, collect_metrics, parse_config, text_facts
 from .base import EmbeddedBatch, embedding_rows, split_top_level
-from ..unnest.paths import _text
+from ...pipeline.unnest.paths import _text
 from .dates import days_of
 
 DIM = 384

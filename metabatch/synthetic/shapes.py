@@ -47,7 +47,7 @@ import pyarrow as pa
 
 from . import campaigns
 from .campaigns import Family, _noise, _shuffled, family_config
-from .stores.base import RUN_SCHEMA as SCHEMA
+from ..stores.base import RUN_SCHEMA as SCHEMA
 
 SHAPES = ("main", "fixed_shapes", "catalog", "nested", "renamed", "follows_strategy")
 

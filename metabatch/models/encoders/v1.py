@@ -1,6 +1,6 @@
 """The v1 encoder (``joint-meta-config-env-v1``): the spec's flatten + pad, bit for bit.
 
-An adapter to the ``Encoder`` interface over ``metabatch.embed`` (the v1
+An adapter to the ``Encoder`` interface over ``metabatch.pipeline.embed`` (the v1
 stages: unnest to positions, encode, combine as a weighted average).
 """
 
@@ -12,8 +12,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from ..embed import DEFAULT_MODEL_ID, EmbeddedBatch, PreparedRuns, Weights, embed_batch, prepare_runs
-from ..unnest import ShapeCache
+from ...pipeline.embed import DEFAULT_MODEL_ID, EmbeddedBatch, PreparedRuns, Weights, embed_batch, prepare_runs
+from ...pipeline.unnest import ShapeCache
 
 
 @dataclass

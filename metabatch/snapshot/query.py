@@ -40,16 +40,16 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .embed import DEFAULT_MODEL_ID, DIM, JOINT_TYPE
-from .errors import BadInput, MetabatchError
+from ..pipeline.embed import DEFAULT_MODEL_ID, DIM, JOINT_TYPE
+from ..errors import BadInput, MetabatchError
 
 if TYPE_CHECKING:  # imported where it is used: `similar` does without DuckDB
     import duckdb
-from .resources import resource_dir
-from .snapshot import MANIFEST, l2_norms, read_manifest, vector_dims, vector_matrix
-from .stores import open_store
-from .stores.base import EmbeddingFilter
-from .urls import DatabaseURL, parse_url, resolve_urls
+from ..resources import resource_dir
+from . import MANIFEST, l2_norms, read_manifest, vector_dims, vector_matrix
+from ..stores import open_store
+from ..stores.base import EmbeddingFilter
+from ..urls import DatabaseURL, parse_url, resolve_urls
 
 SHOW_COLUMNS = ("as_of_date", "run_id", "strategy_id", "universe_id", "model_id", "dim", "l2_norm")
 SIMILAR_COLUMNS = ("cosine", "euclidean", "run_id", "strategy_id", "universe_id", "as_of_date", "source")
@@ -311,7 +311,7 @@ class Snapshot:
             return self._models[key]
 
     def _slices(self, model_id: str, branch: str) -> dict:
-        from .space import snapshot_model
+        from ..workflows.space import snapshot_model
 
         try:
             return snapshot_model(self.path, self.manifest, model_id).slices
@@ -358,7 +358,7 @@ def _registered_slices(url: DatabaseURL, model_id: str, branch: str) -> dict | N
     """The branch slices of a registered v2 model (BadInput naming v2 otherwise)."""
     if branch == "joint":
         return None
-    from .models import registered
+    from ..models.registry import registered
 
     model = registered(url, model_id)
     if model is None or model.encoder != "v2":

@@ -8,7 +8,7 @@ the batch keep their old rows: nothing about them is known to be better.
 from __future__ import annotations
 
 from .embed import JOINT_TYPE, EmbeddedBatch
-from .stores.base import Store
+from ..stores.base import Store
 
 
 def write_batch(store: Store, batch: EmbeddedBatch, model_id: str, buckets=None) -> int:

@@ -8,8 +8,8 @@ Steps only create what is missing: user data is never dropped or rewritten.
 
 from __future__ import annotations
 
-from .stores import open_store
-from .urls import DatabaseURL
+from . import open_store
+from ..urls import DatabaseURL
 
 
 def migrate(runtime_url: DatabaseURL, historical_url: DatabaseURL | None = None) -> dict[str, list[str]]:

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from .combine import combine
 from .encode import DIM, to_branch
-from .encoders.base import JOINT_TYPE, EmbeddedBatch, embedding_rows, split_top_level  # noqa: F401 (JOINT_TYPE is imported from here)
+from ..models.encoders.base import JOINT_TYPE, EmbeddedBatch, embedding_rows, split_top_level  # noqa: F401 (JOINT_TYPE is imported from here)
 from .unnest import RootParse, ShapeCache, TextFacts, Unnested, parse_config, text_facts, unnest_config, unnest_metrics
 
 DEFAULT_MODEL_ID = "joint-meta-config-env-v1"

@@ -24,7 +24,7 @@ against the top-level keys of ``metrics_json``; ``config`` and ``env`` also
 against the run's own window (``backtest_runs.start_date``, ``.end_date``,
 ``.window_days``). A path declared in the file keeps the branch the file
 gives it; every other path's branch is learnt by ``fit`` from the runs
-(``metabatch.branches``), with v1's names (``PRIOR_ENV``,
+(``metabatch.models.branches``), with v1's names (``PRIOR_ENV``,
 ``PRIOR_ENV_METRICS``) as the prior where the runs cannot tell.
 """
 
@@ -37,7 +37,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadInput
+from ..errors import BadInput
 
 # v1's rule for the env branch: the names a fitted model's branches fall back on
 PRIOR_ENV = ("*market_id*", "*universe_id*", "*assessment_strategy_id*", "*assessment_horizon_days*")

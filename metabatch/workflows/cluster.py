@@ -44,8 +44,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from .errors import BadInput
-from .kmeans import kmeans
+from ..errors import BadInput
+from ..models.kmeans import kmeans
 from .space import Space, open_space, with_random_rank
 
 BRANCHES = ("joint", "config", "env", "outcome")
@@ -264,9 +264,9 @@ def _sets_apart(space: Space, runs: pl.DataFrame, k: int) -> pl.DataFrame:
     """Per cluster, the config paths (weighted by the model) whose values set it apart."""
     import duckdb
 
-    from .encoders.base import split_top_level
-    from .encoders.v2 import by_path
-    from .unnest import collect_config
+    from ..models.encoders.base import split_top_level
+    from ..models.encoders.v2 import by_path
+    from ..pipeline.unnest import collect_config
 
 
     sample = with_random_rank(runs, "cluster", 0).filter(pl.col("rank") <= CONFIGS_PER_CLUSTER)
@@ -338,6 +338,6 @@ def write_assignments(clustering: Clustering, path: str | os.PathLike) -> Path:
 
 def snapshot_clusters_path(snapshot: str | os.PathLike, model_id: str, on: str) -> Path:
     """Where a snapshot keeps a model's clusters on a slice: clusters/<model>/<on>.parquet."""
-    from .snapshot import model_dir_name
+    from ..snapshot import model_dir_name
 
     return Path(snapshot) / "clusters" / model_dir_name(model_id) / f"{on}.parquet"

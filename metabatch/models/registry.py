@@ -20,16 +20,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .embed import DEFAULT_MODEL_ID, JOINT_TYPE, Weights
+from ..pipeline.embed import DEFAULT_MODEL_ID, JOINT_TYPE, Weights
 from .encoders.v1 import V1Encoder
 from .encoders.v2 import V2Encoder, V2Model
-from .errors import BadInput, MetabatchError
+from ..errors import BadInput, MetabatchError
 from .explain import branch_summary
-from .fit import SAMPLE_RUNS, FitOptions, RunSample, fit_model
+from .fitting import SAMPLE_RUNS, FitOptions, RunSample, fit_model
 from .modelfile import BRANCHES, ModelSpec, parse_model_file
-from .stores import open_store
-from .stores.base import RunSelection
-from .urls import DatabaseURL
+from ..stores import open_store
+from ..stores.base import RunSelection
+from ..urls import DatabaseURL
 
 BUILTIN_V2 = "joint-meta-config-env-v2"
 MAX_MODEL_ID = 64  # joint_embeddings.model_id is varchar(64)
@@ -217,7 +217,7 @@ def draw_sample(
     """The fit's sample (``fit.RunSample``) of the selected runs, streamed from the
     runtime store. ``on_progress(runs_read, total)``; the total is counted first
     unless ``count_total`` is False."""
-    from .read import read_runs
+    from ..pipeline.read import read_runs
 
     sample = RunSample(sample_runs)
     runs = open_store(runtime_url)
