@@ -38,6 +38,7 @@ import polars as pl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_retrieval import ceiling, queries_of, recall_at  # noqa: E402
+from bench_workflows import distinct_global_best  # noqa: E402
 
 from metabatch.pipeline.backfill import backfill  # noqa: E402
 from metabatch.workflows.cluster import cluster_runs  # noqa: E402
@@ -49,7 +50,7 @@ from metabatch.synthetic.shapes import SHAPES, labelled_runs  # noqa: E402
 from metabatch.snapshot import export_parquet  # noqa: E402
 from metabatch.workflows.space import open_space  # noqa: E402
 from metabatch.stores import open_store  # noqa: E402
-from metabatch.workflows.suggest import DUPLICATE_COSINE, plan_suggestions  # noqa: E402
+from metabatch.workflows.suggest import plan_suggestions  # noqa: E402
 from metabatch.urls import parse_url  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -104,7 +105,7 @@ def evaluate(shape: str, runs_count: int, targets_count: int, seed: int, folder:
         picked = np.where(np.isfinite(picked), picked, column[tried].mean())  # never tried there: a random pick
         return float(column[tried].max() - picked.mean())
 
-    global_best = _global_best(space, metric, family, 5)
+    global_best = distinct_global_best(space, metric, family, 5)
     results = {"suggest": [[], []], "global best": [[], []], "random": [[], []]}
     failures = 0
     for t in targets.tolist():
@@ -154,23 +155,6 @@ def evaluate(shape: str, runs_count: int, targets_count: int, seed: int, folder:
 def _mode(values: list[int]) -> int:
     counts = np.bincount(values)
     return int(counts.argmax())
-
-
-def _global_best(space, metric, family, k):
-    """The families of the best runs overall as distinct configs (leaders by config cosine)."""
-    start, stop = space.slices["config"]
-    order = np.argsort(-np.nan_to_num(metric, nan=-np.inf))
-    leaders, fams = [], []
-    for i in order.tolist():  # a walk down the ranking until k distinct configs
-        v = np.asarray(space.matrix[space.rows[i], start:stop], np.float64)
-        v /= np.linalg.norm(v) or 1.0
-        if any(float(v @ u) >= DUPLICATE_COSINE for u in leaders):
-            continue
-        leaders.append(v)
-        fams.append(int(family[i]))
-        if len(leaders) == k:
-            break
-    return fams
 
 
 COLUMNS = (

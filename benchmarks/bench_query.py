@@ -207,8 +207,8 @@ def main() -> None:
     (args.out.parent / "bench_query.json").write_text(json.dumps(report, indent=2))
 
     print()
-    print(f"| measure | floor | metabatch | ratio | target |")
-    print(f"|---|---|---|---|---|")
+    print("| measure | floor | metabatch | ratio | target |")
+    print("|---|---|---|---|---|")
     if "export" in report:
         e = report["export"]
         seq, par, ours = med(e["copy_sequential"]), med(e["copy_parallel"]), med(e["export"])

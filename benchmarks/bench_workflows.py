@@ -90,7 +90,7 @@ def quality(runs_count: int, targets_count: int, seed: int) -> dict:
         def regret(e, families, k):
             return float(skill[:, e].max() - skill[families[:k], e].mean())
 
-        global_best = _global_best(space, metric, family, 5)
+        global_best = distinct_global_best(space, metric, family, 5)
         results = {"suggest --like-run": [[], []], "suggest --env (market, universe, horizon)": [[], []], "global best runs": [[], []], "random configs": [[], []]}
         seconds = []
         for t in targets.tolist():
@@ -127,7 +127,7 @@ def quality(runs_count: int, targets_count: int, seed: int) -> dict:
     return report
 
 
-def _global_best(space, metric, family, k):
+def distinct_global_best(space, metric, family, k):
     """The families of the best runs overall as distinct configs (leaders by config cosine)."""
     start, stop = space.slices["config"]
     order = np.argsort(-np.nan_to_num(metric, nan=-np.inf))

@@ -94,6 +94,11 @@ def ray_cluster():
         if session:
             left = _processes_naming(os.path.basename(session))
             shutil.rmtree(session, ignore_errors=True)  # the logs of this session's Ray processes
+        if previous is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = previous
+        if session:
             assert not left, f"Ray processes left behind: {left}"
 
 
@@ -116,7 +121,3 @@ def _processes_naming(text: str, seconds: float = 10.0) -> list[int]:
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
-        if previous is None:
-            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-        else:
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = previous

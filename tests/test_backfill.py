@@ -22,7 +22,7 @@ from metabatch.stores.migrate import migrate
 from metabatch.stores import open_store
 from metabatch.stores.base import RunSelection
 from metabatch.urls import parse_url
-from runs_data import TRICKY_RUNS, runs_table
+from runs_data import runs_table
 
 MODEL = "joint-meta-config-env-v1"
 

@@ -354,11 +354,9 @@ def _fixed_shape_config(rng: np.random.Generator, fam: Family, end: dt.date) -> 
     return config
 
 
-def _metrics(rng: np.random.Generator, fam: Family, env: Environment, skill: float, variant: str) -> dict:
-    """Outcomes set by the skill plus noise, and the period's descriptors."""
-    sharpe = 0.6 * skill + 0.3 * rng.standard_normal()
-    vol = 0.08 + 0.1 * float(rng.random())
-    metrics = {
+def outcome_metrics(rng: np.random.Generator, sharpe: float, vol: float, skill: float) -> dict:
+    """A run's outcome figures around its Sharpe and volatility (the draws in a fixed order)."""
+    return {
         "annualised_sharpe": round(sharpe, 4),
         "sortino": round(sharpe * 1.3 + 0.1 * rng.standard_normal(), 4),
         "cagr": round(sharpe * vol + 0.01 * rng.standard_normal(), 5),
@@ -366,6 +364,13 @@ def _metrics(rng: np.random.Generator, fam: Family, env: Environment, skill: flo
         "max_drawdown": round(-abs(0.25 - 0.06 * skill + 0.05 * rng.standard_normal()), 4),
         "hit_rate": round(0.5 + 0.03 * skill + 0.01 * rng.standard_normal(), 4),
     }
+
+
+def _metrics(rng: np.random.Generator, fam: Family, env: Environment, skill: float, variant: str) -> dict:
+    """Outcomes set by the skill plus noise, and the period's descriptors."""
+    sharpe = 0.6 * skill + 0.3 * rng.standard_normal()
+    vol = 0.08 + 0.1 * float(rng.random())
+    metrics = outcome_metrics(rng, sharpe, vol, skill)
     if variant == "main":
         rebalance = fam.params.get("rebalance")
         metrics["turnover"] = round(float({"daily": 8.0, "weekly": 3.0, "monthly": 1.0}.get(rebalance, 2.0) * rng.uniform(0.8, 1.2)), 3)

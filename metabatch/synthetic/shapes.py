@@ -251,15 +251,8 @@ def _metrics(rng: np.random.Generator, shape: str, place: Place, skill: float) -
             "annualised_sharpe": round(sharpe, 4),
         }
     else:
-        metrics = {
-            "annualised_sharpe": round(sharpe, 4),
-            "sortino": round(sharpe * 1.3 + 0.1 * rng.standard_normal(), 4),
-            "cagr": round(sharpe * vol + 0.01 * rng.standard_normal(), 5),
-            "annualised_vol": round(vol, 4),
-            "max_drawdown": round(-abs(0.25 - 0.06 * skill + 0.05 * rng.standard_normal()), 4),
-            "hit_rate": round(0.5 + 0.03 * skill + 0.01 * rng.standard_normal(), 4),
-            "n_trades": int(rng.integers(100, 20_000)),
-        }
+        metrics = campaigns.outcome_metrics(rng, sharpe, vol, skill)
+        metrics["n_trades"] = int(rng.integers(100, 20_000))
     for name, (mean, sd) in place.figures.items():
         metrics[name] = round(mean + sd * float(rng.standard_normal()), 4)
     return metrics
