@@ -53,7 +53,6 @@ import threading
 import time
 from pathlib import Path
 
-import adbc_driver_postgresql.dbapi as adbc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -308,6 +307,26 @@ def print_missing(n: int, result: dict) -> None:
         )
 
 
+def one_node_shards(n: int, seed: int, repeat: int) -> dict:
+    """On one node, the default shards (2 per CPU) against --shards 1, beside the local job, alternating."""
+    url = bb.database_for(n, seed, False)
+    migrate(url)
+    rounds = {"local": [], "ray-1 --shards 1": [], "ray-1 (default shards)": []}
+    for r in range(repeat):
+        truncate(url)
+        rounds["local"].append(local_backfill(url)["elapsed_seconds"])
+        truncate(url)
+        rounds["ray-1 --shards 1"].append(ray_backfill(url, 1, ["--shards", "1"])["elapsed_seconds"])
+        truncate(url)
+        rounds["ray-1 (default shards)"].append(ray_backfill(url, 1)["elapsed_seconds"])
+        print(f"  one node, round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in rounds.items()), file=sys.stderr)
+    print(f"\none node, {n:,} runs, {repeat} rounds: elapsed (median), ratio to local (each round)")
+    for job, times in rounds.items():
+        ratios = [t / local for t, local in zip(times, rounds["local"])]
+        print(f"  {job:24} {statistics.median(times):7.2f}s  {statistics.median(ratios):.2f}x ({', '.join(f'{x:.2f}' for x in ratios)})")
+    return rounds
+
+
 # --------------------------------------------------------------------------
 # tasks or Ray Data
 
@@ -423,6 +442,8 @@ def main() -> None:
     parser.add_argument("--copy-limits", action="store_true")
     parser.add_argument("--missing", action="store_true", help="--missing after 1%% new runs, on the largest size")
     parser.add_argument("--data-spike", type=int, metavar="N", help="tasks vs Ray Data on N runs")
+    parser.add_argument("--no-compare", action="store_true", help="skip the local / 1, 2, 3 nodes comparison")
+    parser.add_argument("--one-node-shards", action="store_true", help="one node: default shards against --shards 1, on the largest size")
     parser.add_argument("--data-way", help=argparse.SUPPRESS)
     parser.add_argument("--data-url", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -436,7 +457,7 @@ def main() -> None:
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, Ray {ray.__version__}")
     print(f"command: {' '.join(['python', 'benchmarks/bench_ray.py', *sys.argv[1:]])}")
     results = {}
-    for n in args.runs:
+    for n in [] if args.no_compare else args.runs:
         url = bb.database_for(n, args.seed, False)
         migrate(url)
         load = [os.getloadavg()[0]]
@@ -467,6 +488,8 @@ def main() -> None:
         result = missing(n, args.seed, args.repeat)
         print_missing(n, result)
         (out_dir / f"ray-missing-{n}.json").write_text(json.dumps(result, indent=2, default=str))
+    if args.one_node_shards:
+        one_node_shards(max(args.runs), args.seed, args.repeat)
     if args.data_spike:
         spike = data_spike(args.data_spike, args.seed)
         base = spike["tasks"]["seconds"]
