@@ -1,6 +1,8 @@
 """metabatch: columnar batch engine for Meta Config+Env joint embeddings.
 
-Python API (the CLI wraps these):
+Python API (the CLI wraps these; the first three from their modules,
+``metabatch.stores.migrate``, ``metabatch.pipeline.backfill`` and
+``metabatch.pipeline.embed``, the others from here):
     migrate(runtime_url, historical_url)
     backfill(runtime_url, historical_url, selection, weights, model_id, batch_rows, retries=)
     embed_batch(runs_table, weights, model_id)
