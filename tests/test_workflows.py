@@ -121,13 +121,19 @@ def test_suggest_errors_are_clear(world):
     assert both.exit_code == 2 and "--like-run" in both.output
 
 
-def test_suggest_from_the_database(world):
+def test_suggest_from_the_database(world, tmp_path, monkeypatch):
+    import gc
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the temporary snapshot goes
     url = world["url"].raw
     target = world["labels"].row(11, named=True)["run_id"]
     from_db = invoke("suggest", "--runtime-url", url, "--model-id", MODEL, "--like-run", target, "--format", "json")
     from_snapshot = invoke("suggest", "--snapshot", str(world["snapshot"]), "--model-id", MODEL, "--like-run", target, "--format", "json")
     assert from_db.exit_code == 0, from_db.output
     assert json.loads(from_db.output)["suggestions"] == json.loads(from_snapshot.output)["suggestions"]
+    gc.collect()
+    assert not list(tmp_path.glob("metabatch-space-*"))  # nothing left behind
 
 
 def test_cluster_on_config_finds_the_families_and_on_env_the_environments(world):

@@ -11,7 +11,7 @@ From a snapshot the files are mapped or read column by column (the metrics,
 not the JSON), and a ``Space`` is cached per (snapshot, model, filters) in the
 process, so a warm session pays the load once. From the database, the model's
 embeddings and runs are first exported to a temporary snapshot (the same
-``export_parquet``), removed when the space is closed.
+``export_parquet``), removed when the space is closed or dropped.
 
 A model that is not v2 (a v1 id, or one fitted with ``encoder = "v1"``) is a
 ``BadInput`` naming v2: the workflows need its branch slices.
@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -305,6 +306,9 @@ def _from_database(model_id, historical_url, runtime_url, strategy_ids, start, e
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     space._temporary = temporary
+    # the workflows return what they found and drop the space: its folder goes with
+    # it (or when the process ends), not only on close()
+    weakref.finalize(space, shutil.rmtree, temporary, True)
     return space
 
 
