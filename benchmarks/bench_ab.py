@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,22 +33,8 @@ def run(url: str, base: str | None) -> dict:
         env.pop("PYTHONPATH", None)
     bb.sql(url, "TRUNCATE joint_embeddings")
     bb.settle(url)
-    code = (
-        "import json, metabatch\n"
-        "from metabatch.backfill import backfill\n"
-        "from metabatch.urls import parse_url\n"
-        f"s = backfill(parse_url({url!r}))\n"
-        "d = s.as_dict(max_rejected=0)\n"
-        "hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
-        "d['peak_rss_mb'] = int(hwm.split()[1]) / 1024\n"
-        "d['source'] = metabatch.__file__\n"
-        "print(json.dumps(d))\n"
-    )
-    import json
-
     # from a neutral folder: `python -c` puts the current folder first on sys.path
-    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env, cwd="/")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return bb.backfill_process(url, env=env, cwd="/")
 
 
 def main() -> None:

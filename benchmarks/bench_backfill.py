@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -104,28 +105,39 @@ def settle(url: str) -> None:
     time.sleep(1)
 
 
-def run_metabatch(url: str, batch_size: int) -> dict:
-    """One backfill in a fresh process; its summary plus its peak RSS."""
-    sql(url, "TRUNCATE joint_embeddings")
-    settle(url)
+def backfill_process(url: str, arguments: str = "", env: dict | None = None, cwd: str | None = None) -> dict:
+    """``backfill(parse_url(url), ARGUMENTS)`` in a fresh process (``env``: another
+    tree first on PYTHONPATH, say): its summary, its peak RSS, the package it
+    imported (``source``), and the process's wall and CPU seconds."""
     code = (
-        "import json\n"
-        "from metabatch.backfill import backfill\n"
+        "import json, metabatch\n"
+        "from metabatch.backfill import backfill\n"  # the old path: bench_ab.py also runs trees from before the re-layout
         "from metabatch.urls import parse_url\n"
-        f"s = backfill(parse_url({url!r}), batch_rows={batch_size})\n"
+        f"s = backfill(parse_url({url!r}){', ' + arguments if arguments else ''})\n"
         "d = s.as_dict(max_rejected=3)\n"
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so it would
         # report this benchmark process's peak (the baseline holds all its runs)
         "hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
         "d['peak_rss_mb'] = int(hwm.split()[1]) / 1024\n"
+        "d['source'] = metabatch.__file__\n"
         "print(json.dumps(d))\n"
     )
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env, cwd=cwd)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    result["process_wall_seconds"] = wall
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    result.update(process_wall_seconds=wall, process_cpu_seconds=cpu)
     return result
+
+
+def run_metabatch(url: str, batch_size: int) -> dict:
+    """One backfill into an empty table in a fresh process; its summary plus its peak RSS."""
+    sql(url, "TRUNCATE joint_embeddings")
+    settle(url)
+    return backfill_process(url, f"batch_rows={batch_size}")
 
 
 def encode_row(config, metrics, weights=(1.0, 1.0, 1.0)):

@@ -79,25 +79,7 @@ def metabatch_cli(args: list[str], env: dict | None = None) -> tuple[dict, float
 def local_backfill(url: str, extra: list[str] = ()) -> dict:
     """The local job in a fresh process (as bench_backfill.py runs it), with its
     peak RSS (VmHWM) and CPU seconds."""
-    code = (
-        "import json\n"
-        "from metabatch.backfill import backfill\n"
-        "from metabatch.urls import parse_url\n"
-        f"s = backfill(parse_url({url!r}), missing={'--missing' in extra})\n"
-        "d = s.as_dict(max_rejected=3)\n"
-        "hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
-        "d['peak_rss_mb'] = int(hwm.split()[1]) / 1024\n"
-        "print(json.dumps(d))\n"
-    )
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    summary.update(process_wall_seconds=wall, process_cpu_seconds=cpu)
-    return summary
+    return bb.backfill_process(url, f"missing={'--missing' in extra}")
 
 
 class LocalCluster:
