@@ -69,7 +69,7 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def find_spec(self, fullname, path=None, target=None):
         old = fullname.removeprefix(__name__ + ".")
-        head, _, rest = old.partition(".")
+        head = old.partition(".")[0]
         if old == fullname or head not in _MOVED:
             return None
         return importlib.util.spec_from_loader(fullname, self)

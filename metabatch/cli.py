@@ -980,7 +980,7 @@ def cluster(urls, model_id, snapshot, strategy_ids, start, end, on, k, seed, met
       metabatch cluster --model-id my-v2 --on config --k 40 --out clusters.parquet
       metabatch cluster --snapshot ./snapshot --model-id my-v2 --on joint
     """
-    from .workflows.cluster import COARSE_SHARE, SPLIT_SILHOUETTE, cluster_runs, snapshot_clusters_path, write_assignments
+    from .workflows.cluster import COARSE_SHARE, SPLIT_SILHOUETTE, best_k, cluster_runs, snapshot_clusters_path, write_assignments
     from .snapshot.query import format_frame
 
     if start and end and start > end:
@@ -1006,15 +1006,14 @@ def cluster(urls, model_id, snapshot, strategy_ids, start, end, on, k, seed, met
     if result.coarse_k is not None and result.splits:
         click.echo(f"{result.coarse_k} coarse clusters of {result.assignments.height:,} runs on the {on} slice of {model_id} (k {how})")
         for c, scores in result.splits.items():
-            best = max(scores, key=lambda s: (round(scores[s], 3), -s))
+            best = best_k(scores)
             click.echo(f"  coarse cluster {c} holds {best} environments (silhouette of its own runs {scores[best]:.3f} >= {SPLIT_SILHOUETTE})")
         click.echo(f"{result.k} environments at the finest level (column cluster; coarse: the coarse cluster)")
-    elif result.coarse_k is not None:
-        click.echo(f"{result.k} clusters of {result.assignments.height:,} runs on the {on} slice of {model_id} (k {how})")
-        click.echo(f"{result.coarse_k} coarse clusters hold them (k = {result.coarse_k} scores at least {COARSE_SHARE:.0%} of the best silhouette; column coarse)")
-        click.echo(f"{result.k} environments at the finest level")
     else:
         click.echo(f"{result.k} clusters of {result.assignments.height:,} runs on the {on} slice of {model_id} (k {how})")
+        if result.coarse_k is not None:
+            click.echo(f"{result.coarse_k} coarse clusters hold them (k = {result.coarse_k} scores at least {COARSE_SHARE:.0%} of the best silhouette; column coarse)")
+            click.echo(f"{result.k} environments at the finest level")
     if result.metric:
         click.echo(f"mean and std: {result.metric}")
     click.echo(format_frame(result.summary, "table", 3), nl=False)

@@ -349,3 +349,19 @@ def test_suggest_keeps_to_the_targets_market_and_period(nested_world):
                                                  "market_id": found.target["env"]["market_id"]}, snapshot=nested_world["snapshot"], top_k=3)
     supporting = [r for ids in by_keys.frame["run_ids"].to_list() for r in ids]
     assert np.mean([env_of[r] == 0 for r in supporting]) > 0.9
+
+
+def test_a_window_value_that_is_not_a_date_is_a_clear_error(nested_world):
+    shown = invoke("suggest", "--snapshot", str(nested_world["snapshot"]), "--model-id", "nested-v2", "--env", "backtest_runs.start_date=2024-13-45")
+    assert shown.exit_code == 2 and "backtest_runs.start_date=2024-13-45: not a date" in shown.output, shown.output
+    # this model's env has no window length: the rule on its own
+    import duckdb
+
+    from metabatch.errors import BadInput
+    from metabatch.workflows.environments import _window_leaves
+
+    key = "backtest_runs.window_days"
+    [(path, rows, days, _)] = _window_leaves(duckdb.connect(), [{key: 21}, {}, {key: "7.5"}], [key]).numbers
+    assert path == key and rows.tolist() == [0, 2] and days.tolist() == [21.0, 7.5]
+    with pytest.raises(BadInput, match="window_days=abc: not a number of days"):
+        _window_leaves(duckdb.connect(), [{key: 21}, {key: "abc"}], [key])

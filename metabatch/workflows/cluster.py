@@ -97,7 +97,7 @@ def cluster_runs(
     strategy_ids = [strategy_id] if isinstance(strategy_id, str) else list(strategy_id or [])
     space = open_space(model_id, snapshot=snapshot, historical_url=historical_url, runtime_url=runtime_url, strategy_ids=strategy_ids, start=start, end=end)
     x = space.unit(on)
-    held = np.flatnonzero(np.abs(x).sum(axis=1) > 0)
+    held = np.flatnonzero(space.held(on))
     if len(held) < 2:
         raise BadInput(f"fewer than 2 runs have features in the {on} slice", "pick another --on or a wider selection")
     if k is not None and k > len(held):
@@ -116,10 +116,10 @@ def cluster_runs(
         progress("searching each environment for nested ones")
         coarse = _by_size(labels, k)
         labels, distance, splits = _split_nested(x, coarse, distance, k, seed, rng)
+        k = int(labels.max()) + 1  # the finest clusters (a given k stays as given)
         if not splits:
             coarse = _coarser(x, held, labels, k, silhouettes, seed, rng)
         chosen_by = "nested silhouette"
-    k = int(labels.max()) + 1
     labels = _by_size(labels, k)
     columns = {"run_id": space.runs.get_column("run_id"), "cluster": pl.Series(labels, dtype=pl.Int64), "distance": pl.Series(distance, dtype=pl.Float64)}
     if coarse is not None:
@@ -156,7 +156,7 @@ def _coarser(x, held, labels, k, silhouettes: dict, seed, rng) -> np.ndarray | N
     smaller = {c: v for c, v in silhouettes.items() if c <= k // 2}
     if not smaller:
         return None
-    best = max(smaller, key=lambda c: (round(smaller[c], 3), -c))
+    best = best_k(smaller)
     if smaller[best] < COARSE_SHARE * silhouettes[k]:
         return None
     groups, _ = _kmeans_labels(x, held, best, seed, rng, len(labels))
@@ -169,9 +169,9 @@ def _coarser(x, held, labels, k, silhouettes: dict, seed, rng) -> np.ndarray | N
 def _split_nested(x, coarse: np.ndarray, distance: np.ndarray, k: int, seed: int, rng) -> tuple[np.ndarray, np.ndarray, dict]:
     """Each coarse cluster split where its own runs' best silhouette reaches
     ``SPLIT_SILHOUETTE`` (see the module docstring): the finest labels, their
-    distances, and per split cluster the silhouettes tried."""
+    distances (``distance`` updated in place) and per split cluster the
+    silhouettes tried."""
     labels = np.full(len(coarse), -1, np.int64)
-    distance = distance.copy()
     splits: dict[int, dict[int, float]] = {}
     next_label = 0
     for c in range(k):  # a loop over the coarse clusters
@@ -205,7 +205,12 @@ def choose_k(x: np.ndarray, seed: int, rng: np.random.Generator) -> tuple[int, d
         scores[k] = float(silhouette_score(sample, labels, metric="euclidean", random_state=seed))
     if not scores:
         return 2, scores
-    return max(scores, key=lambda c: (round(scores[c], 3), -c)), scores
+    return best_k(scores), scores
+
+
+def best_k(scores: dict[int, float]) -> int:
+    """The k of the best silhouette (to 3 decimals; the smaller k on a tie)."""
+    return max(scores, key=lambda c: (round(scores[c], 3), -c))
 
 
 def _by_size(labels: np.ndarray, k: int) -> np.ndarray:

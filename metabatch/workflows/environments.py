@@ -30,9 +30,11 @@ import pyarrow.compute as pc
 
 from ..models.encoders.base import split_top_level
 from ..models.encoders.dates import days_of
-from ..models.encoders.v2 import SLICES, V2Model, encode
+from ..models.encoders.v2 import SLICES, WINDOW_KEYS, V2Model, encode
 from ..errors import BadInput
 from ..pipeline.unnest import PathLeaves, collect_config, collect_metrics
+
+WINDOW_DAYS = WINDOW_KEYS[2]  # backtest_runs.window_days: end - start, in days
 
 
 def env_keys(model: V2Model) -> dict[str, str]:
@@ -52,13 +54,13 @@ def window_values(runs: pa.Table, keys: list[str]) -> pa.Table:
     """Per run (start_date, end_date columns), each window key's value as JSON text."""
     columns = {}
     for key in keys:
-        if key == "backtest_runs.window_days":
+        if key == WINDOW_DAYS:
             start, end = (runs.column(c).cast(pa.date32()).cast(pa.int32()) for c in ("start_date", "end_date"))
             columns[key] = pc.cast(pc.subtract(end, start), pa.string())
         else:
             dates = runs.column(key.split(".", 1)[1]).cast(pa.date32())
             columns[key] = pc.binary_join_element_wise('"', pc.cast(dates, pa.string()), '"', "")
-    return pa.table(columns) if columns else pa.table({})
+    return pa.table(columns)
 
 
 def resolve_key(model: V2Model, key: str) -> str:
@@ -163,16 +165,27 @@ def encode_envs(model: V2Model, rows: list[dict], con: duckdb.DuckDBPyConnection
     return (block / np.where(norms > 0, norms, 1.0)[:, None]).astype(np.float32)
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
 def _window_leaves(con: duckdb.DuckDBPyConnection, rows: list[dict], keys: list[str]) -> PathLeaves:
     """The window keys' values of key -> value dicts as leaves (dates as days)."""
     leaves = PathLeaves()
     for key in keys:
         at = [i for i, row in enumerate(rows) if row.get(key) is not None]
+        if not at:
+            continue
         texts = [str(rows[i][key]) for i in at]
-        days = np.array([float(t) for t in texts]) if key.endswith("window_days") else days_of(con, pa.array(texts, pa.string()))
-        fine = np.isfinite(days)
-        if fine.any():
-            leaves.add_numbers(key, np.asarray(at, np.int64)[fine], days[fine], False)
+        days = np.array([_number(t) for t in texts]) if key == WINDOW_DAYS else days_of(con, pa.array(texts, pa.string()))
+        if not np.isfinite(days).all():
+            bad = texts[int(np.flatnonzero(~np.isfinite(days))[0])]
+            kind = "a number of days" if key == WINDOW_DAYS else "a date (YYYY-MM-DD)"
+            raise BadInput(f"--env {key}={bad}: not {kind}")
+        leaves.add_numbers(key, np.asarray(at, np.int64), days, False)
     return leaves
 
 

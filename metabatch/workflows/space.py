@@ -59,7 +59,7 @@ class Space:
     _units: dict = field(default_factory=dict, repr=False)
     _metrics: dict = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _temporary: str | None = None
+    _remove_temporary: weakref.finalize | None = None  # the temporary snapshot's folder, from the database
 
     def __len__(self) -> int:
         return self.runs.height
@@ -153,9 +153,8 @@ class Space:
 
     def close(self) -> None:
         self._units.clear()
-        if self._temporary:
-            shutil.rmtree(self._temporary, ignore_errors=True)
-            self._temporary = None
+        if self._remove_temporary is not None:
+            self._remove_temporary()  # once: a finalizer does nothing when called again
 
 
 _CACHE: dict[tuple, Space] = {}
@@ -305,10 +304,9 @@ def _from_database(model_id, historical_url, runtime_url, strategy_ids, start, e
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    space._temporary = temporary
     # the workflows return what they found and drop the space: its folder goes with
-    # it (or when the process ends), not only on close()
-    weakref.finalize(space, shutil.rmtree, temporary, True)
+    # it (or when the process ends), if close() did not remove it before
+    space._remove_temporary = weakref.finalize(space, shutil.rmtree, temporary, True)
     return space
 
 
