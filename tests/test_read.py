@@ -23,7 +23,7 @@ class ListStore:
         self.closed = threading.Event()
         self.fetched = 0
 
-    def read_runs(self, selection, skip=None):
+    def read_runs(self, selection, skip=None, embedded=None):
         try:
             for batch in self.batches:
                 if self.fail_after is not None and self.fetched == self.fail_after:

@@ -145,6 +145,10 @@ class BackfillSummary:
     def runs_per_second(self) -> float:
         return self.runs_read / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
 
+    def count_already_embedded(self, selected: int) -> None:
+        """--missing: of the ``selected`` runs, those not read had a row already."""
+        self.already_embedded = max(0, selected - self.runs_read)
+
     def as_dict(self, max_rejected: int | None = None) -> dict:
         rejected = self.rejected if max_rejected is None else self.rejected[:max_rejected]
         return {
@@ -242,7 +246,7 @@ def backfill(
     finally:
         job.summary.retries = attempts.made
     if job.selected is not None:
-        job.summary.already_embedded = max(0, job.selected - job.summary.runs_read)
+        job.summary.count_already_embedded(job.selected)
     job.summary.unseen_config_paths = sorted(getattr(encoder, "unseen_config_paths", ()))
     job.summary.elapsed_seconds = time.perf_counter() - started
     return job.summary

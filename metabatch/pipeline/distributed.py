@@ -389,16 +389,17 @@ def backfill_on_ray(
     runs_store = open_store(runtime_url)
     try:
         runs_store.check_table("backtest_runs")
-        embedded = None
         if missing:
             history = open_store(historical_url)
             try:
                 history.check_table("joint_embeddings")
-                embedded = history.embedded_run_ids(JOINT_TYPE, encoder.model_id)
+                if runtime_url.raw != historical_url.raw:
+                    # two databases: the embedded run ids read here once, not once per
+                    # shard (with one, each shard's read leaves them out itself)
+                    per_shard_embedded = split_by_shard(history.embedded_run_ids(JOINT_TYPE, encoder.model_id), count)
             finally:
                 history.close()
             selected = runs_store.count_runs(selection)
-            per_shard_embedded = split_by_shard(embedded, count)
         elif count_total:
             total = runs_store.count_runs(selection)
     finally:
@@ -413,7 +414,7 @@ def backfill_on_ray(
     summary = BackfillSummary(model_id=encoder.model_id, encoder=encoder.kind)
     merge_backfills(summary, outcomes, progress)
     if selected is not None:
-        summary.already_embedded = max(0, selected - summary.runs_read)
+        summary.count_already_embedded(selected)
     summary.elapsed_seconds = time.perf_counter() - started
     return summary
 

@@ -55,7 +55,7 @@ def read_runs(
     ``skip``: run ids not to read; ``embedded``: leave out the runs with a row
     of this (joint_type, model_id) (see ``Store.read_runs``)."""
     last_rows = batch_rows if last_rows is None else max(1, min(last_rows, batch_rows))
-    runs = store.read_runs(selection, skip, embedded) if embedded is not None else store.read_runs(selection, skip)
+    runs = store.read_runs(selection, skip, embedded)
     ahead = _ReadAhead(runs, batch_rows + batch_rows // 2, seconds)
     try:
         size = min(first_rows or batch_rows, batch_rows)
