@@ -63,7 +63,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .encoders.base import split_top_level
-from .encoders.dates import date_share
+from .encoders.dates import days_of
 from .encoders.v2 import (
     NumberModel,
     row_means,
@@ -75,6 +75,7 @@ from .encoders.v2 import (
     by_path,
     idf,
     window_leaves,
+    joined_strings,
     with_dates,
 )
 from .groups import Clusters, as_leaves, explained, groups_of, intraclass, set_weights, zero_constant_groups
@@ -278,10 +279,10 @@ def _typed(values: PathValues, con: duckdb.DuckDBPyConnection) -> PathValues:
     ``DATE_SHARE`` of its strings are dates (else as they are)."""
     if not values.strings:
         return values
-    strings = pa.concat_arrays([s.cast(pa.string()) for s in values.strings])
-    if date_share(con, strings) < DATE_SHARE:
+    days = days_of(con, joined_strings(values))
+    if np.isfinite(days).mean() < DATE_SHARE:
         return values
-    return with_dates(values, con)
+    return with_dates(values, con, days)
 
 
 def _path_model(branch: str, values: PathValues, n: int, options: FitOptions, how: str = "") -> PathModel:
@@ -365,7 +366,7 @@ def _within_spread(x: np.ndarray, labels: np.ndarray) -> float:
 
 def _string_model(values: PathValues) -> StringModel:
     rows = _joined(values.string_rows, np.int64)
-    strings = pa.concat_arrays([s.cast(pa.string()) for s in values.strings])
+    strings = joined_strings(values)
     encoded = pc.dictionary_encode(strings)
     codes = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), np.int64)
     distinct = encoded.dictionary.to_pylist()

@@ -27,10 +27,9 @@ from dataclasses import dataclass
 
 import duckdb
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
-from .encoders.v2 import SLICES, PathModel, PathValues, V2Model, _joined, _Slicer, encode, row_means
+from .encoders.v2 import SLICES, PathModel, PathValues, V2Model, _joined, _Slicer, encode, joined_strings, row_means
 from .kmeans import kmeans
 from ..pipeline.unnest import PathLeaves
 
@@ -82,7 +81,7 @@ def groups_of(path: str, m: PathModel, values: PathValues, n: int) -> list[Group
 def _string_codes(values: PathValues, n: int) -> np.ndarray | None:
     """Per run, its set of values at the path as one category; sets seen once collapse into one."""
     rows = _joined(values.string_rows, np.int64)
-    strings = pa.concat_arrays([s.cast(pa.string()) for s in values.strings])
+    strings = joined_strings(values)
     codes = np.asarray(pc.dictionary_encode(strings).indices.to_numpy(zero_copy_only=False), np.int64)
     # a set's identity: the sum of random 64-bit tags of its distinct values
     tags = np.random.default_rng(0).integers(1, 2**62, size=int(codes.max()) + 1, dtype=np.int64)

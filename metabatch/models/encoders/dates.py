@@ -46,10 +46,3 @@ def days_of(con: duckdb.DuckDBPyConnection, strings: pa.Array) -> np.ndarray:
     days = np.asarray(pc.fill_null(parsed.cast(pa.float64()), np.nan).to_numpy(), np.float64) / SECONDS_PER_DAY
     codes = np.asarray(pc.fill_null(encoded.indices, len(days)).to_numpy(), np.int64)
     return np.append(days, np.nan)[codes]  # a null string is not a date
-
-
-def date_share(con: duckdb.DuckDBPyConnection, strings: pa.Array) -> float:
-    """The share of ``strings`` that are ISO-8601 dates or timestamps."""
-    if not len(strings):
-        return 0.0
-    return float(np.isfinite(days_of(con, strings)).mean())

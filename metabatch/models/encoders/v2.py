@@ -355,13 +355,20 @@ def by_path(leaves: PathLeaves) -> dict[str, PathValues]:
     return out
 
 
-def with_dates(values: PathValues, con: duckdb.DuckDBPyConnection) -> PathValues:
-    """``values`` with its strings that are ISO-8601 dates moved to ``dates`` (days)."""
+def joined_strings(values: PathValues) -> pa.Array:
+    """A path's strings as one array (in the order of ``_joined(values.string_rows)``)."""
+    strings = [v.cast(pa.string()) for v in values.strings]  # a no-op cast for string arrays
+    return strings[0] if len(strings) == 1 else pa.concat_arrays(strings)
+
+
+def with_dates(values: PathValues, con: duckdb.DuckDBPyConnection, days: np.ndarray | None = None) -> PathValues:
+    """``values`` with its strings that are ISO-8601 dates moved to ``dates`` (days;
+    ``days``: those of ``joined_strings(values)`` when the caller has them)."""
     if not values.strings:
         return values
     rows = _joined(values.string_rows, np.int64)
-    strings = values.strings[0] if len(values.strings) == 1 else pa.concat_arrays([v.cast(pa.string()) for v in values.strings])
-    days = days_of(con, strings)
+    strings = joined_strings(values)
+    days = days_of(con, strings) if days is None else days
     is_date = np.isfinite(days)
     if not is_date.any():
         return values
@@ -533,7 +540,7 @@ def _number_features(features, slicer, branch, prefix, m: NumberModel, rows, val
 
 def _string_features(features, slicer, branch, path, m: StringModel, values: PathValues) -> None:
     rows = _joined(values.string_rows, np.int64)
-    strings = values.strings[0] if len(values.strings) == 1 else pa.concat_arrays([s.cast(pa.string()) for s in values.strings])
+    strings = joined_strings(values)
     encoded = pc.dictionary_encode(strings)
     codes = np.asarray(encoded.indices.to_numpy(zero_copy_only=False), np.int64)
     factors = m.factors(encoded.dictionary) * m.weight
