@@ -1,4 +1,5 @@
-"""Test helpers that read a store's tables directly with SQL (not through metabatch)."""
+"""Test helpers: a store's tables read directly with SQL (not through metabatch),
+and runs put in a fresh store (through metabatch's own migrate and insert)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,17 @@ def execute(url: str, sql: str) -> None:
         for statement in sql.split(";\n"):
             if statement.strip():
                 cur.execute(statement)
+
+
+def store_with_runs(url: str, runs) -> None:
+    """The store at ``url`` migrated, with ``runs`` (an Arrow table of backtest_runs) inserted."""
+    from metabatch.stores import open_store
+    from metabatch.stores.migrate import migrate
+    from metabatch.urls import parse_url
+
+    migrate(parse_url(url))
+    store = open_store(parse_url(url))
+    try:
+        store.insert_runs(runs)
+    finally:
+        store.close()

@@ -19,13 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import normalized_mutual_info_score
 
-from helpers import embeddings
+from helpers import embeddings, store_with_runs
 from metabatch.pipeline.backfill import backfill
 from metabatch.cli import main
 from metabatch.workflows.cluster import cluster_runs
 from metabatch.models.encoders.v2 import SLICES, V2Encoder, V2Model
 from metabatch.models.fitting import fit_model
-from metabatch.stores.migrate import migrate
 from metabatch.models.modelfile import ModelSpec, parse_model_file
 from metabatch.models import content_hash, registered
 from metabatch.models import fit as fit_and_register
@@ -42,15 +41,6 @@ FIXTURE = Path(__file__).parent / "fixtures" / "v2-format1.json"
 
 def invoke(*args):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-def _insert(url: str, runs: pa.Table) -> None:
-    migrate(parse_url(url))
-    store = open_store(parse_url(url))
-    try:
-        store.insert_runs(runs)
-    finally:
-        store.close()
 
 
 def _embed(model: V2Model, runs: pa.Table) -> dict[str, bytes]:
@@ -182,6 +172,11 @@ def renamed_runs() -> tuple[pa.Table, V2Model]:
     return runs, fit_model(runs, ModelSpec())
 
 
+def test_the_renamed_shape_has_an_env_key_and_a_config_key(renamed_runs):
+    _, model = renamed_runs
+    assert model.config_paths["venue"].branch == "env" and model.config_paths["rebalance"].branch == "config"
+
+
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.sampled_from(["venue", "rebalance"]), st.text("abcdefghijklmnopqrstuvwxyz_", min_size=3, max_size=12))
 def test_a_renamed_key_keeps_its_learned_branch(renamed_runs, key, name):
@@ -189,7 +184,6 @@ def test_a_renamed_key_keeps_its_learned_branch(renamed_runs, key, name):
     new = "zz_" + name
     again = fit_model(_renamed(runs, key, new), ModelSpec())
     assert again.config_paths[new].branch == model.config_paths[key].branch
-    assert model.config_paths["venue"].branch == "env" and model.config_paths["rebalance"].branch == "config"
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +210,7 @@ def test_a_path_declared_in_the_model_file_is_never_moved(small_campaign, path, 
 def catalog_store(request, tmp_path, pg_url):
     url = f"duckdb://{tmp_path / 'catalog.duckdb'}" if request.param == "duckdb" else pg_url
     runs, _ = labelled_runs("catalog", 1500, seed=7)
-    _insert(url, runs)
+    store_with_runs(url, runs)
     return url
 
 
@@ -225,7 +219,7 @@ def test_the_same_model_from_postgresql_and_duckdb(tmp_path, pg_url):
     duck = f"duckdb://{tmp_path / 'same.duckdb'}"
     hashes = {}
     for url in (duck, pg_url):
-        _insert(url, runs)
+        store_with_runs(url, runs)
         done = invoke("fit", "--runtime-url", url, "--joint-model-id", "learnt", "--json")
         assert done.exit_code == 0, done.output
         summary = json.loads(done.output)
@@ -292,7 +286,7 @@ def test_a_model_fitted_before_embeds_bit_for_bit_as_it_did(tmp_path, pg_url):
     want = {run_id: base64.b64decode(v) for run_id, v in fixture["vectors"].items()}
     assert _embed(model, runs) == want
     for url in (f"duckdb://{tmp_path / 'old.duckdb'}", pg_url):
-        _insert(url, runs)
+        store_with_runs(url, runs)
         store = open_store(parse_url(url))
         try:
             row = {"model_id": "old-v2", "encoder": "v2", "model_file": "", "params": params, "fitted_runs": 800, "selection": {}}
@@ -314,7 +308,7 @@ def nested_world(tmp_path_factory):
     folder = tmp_path_factory.mktemp("nested")
     url = f"duckdb://{folder / 'runs.duckdb'}"
     runs, labels = labelled_runs("nested", 6000, seed=8)
-    _insert(url, runs)
+    store_with_runs(url, runs)
     fit_and_register(parse_url(url), parse_url(url), "nested-v2")
     backfill(parse_url(url), model_id="nested-v2")
     snapshot = folder / "snapshot"

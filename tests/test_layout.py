@@ -100,18 +100,8 @@ def test_the_folders_group_the_modules_by_area():
 
 @pytest.mark.parametrize(
     "old, new",
-    [
-        ("metabatch.backfill", "metabatch.pipeline.backfill"),
-        ("metabatch.embed", "metabatch.pipeline.embed"),
-        ("metabatch.unnest.paths", "metabatch.pipeline.unnest.paths"),
-        ("metabatch.modelfile", "metabatch.models.modelfile"),
-        ("metabatch.fit", "metabatch.models.fitting"),
-        ("metabatch.encoders.v2", "metabatch.models.encoders.v2"),
-        ("metabatch.migrate", "metabatch.stores.migrate"),
-        ("metabatch.query", "metabatch.snapshot.query"),
-        ("metabatch.suggest", "metabatch.workflows.suggest"),
-        ("metabatch.seed", "metabatch.synthetic.seed"),
-    ],
+    [(f"metabatch.{old}", f"metabatch.{new}") for old, new in sorted(metabatch._MOVED.items())]
+    + [("metabatch.unnest.paths", "metabatch.pipeline.unnest.paths"), ("metabatch.encoders.v2", "metabatch.models.encoders.v2")],
 )
 def test_a_module_imports_from_its_old_path_as_the_same_module(old, new):
     moved = importlib.import_module(old)

@@ -8,7 +8,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from helpers import embeddings, execute
+from helpers import embeddings, execute, store_with_runs
 from metabatch.synthetic.campaigns import campaign_runs
 from metabatch.cli import main
 from metabatch.errors import BadInput
@@ -72,13 +72,7 @@ def test_a_pattern_matches_a_path_and_everything_under_it():
 @pytest.fixture(params=["duckdb", "postgres"])
 def store_url(request, tmp_path, pg_url):
     url = f"duckdb://{tmp_path / 'models.duckdb'}" if request.param == "duckdb" else pg_url
-    migrate(parse_url(url))
-    runs, _ = campaign_runs(600, seed=3)
-    store = open_store(parse_url(url))
-    try:
-        store.insert_runs(runs)
-    finally:
-        store.close()
+    store_with_runs(url, campaign_runs(600, seed=3)[0])
     return url
 
 
@@ -198,12 +192,7 @@ def test_both_stores_give_the_same_vectors(tmp_path, pg_url):
     runs, _ = campaign_runs(400, seed=8)
     urls = [f"duckdb://{tmp_path / 'a.duckdb'}", pg_url]
     for url in urls:
-        migrate(parse_url(url))
-        store = open_store(parse_url(url))
-        try:
-            store.insert_runs(runs)
-        finally:
-            store.close()
+        store_with_runs(url, runs)
     assert invoke("fit", "--runtime-url", urls[0], "--joint-model-id", "same", "--quiet").exit_code == 0
     row = registered(parse_url(urls[0]), "same").as_row()
     store = open_store(parse_url(urls[1]))

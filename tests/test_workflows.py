@@ -18,12 +18,11 @@ from metabatch.pipeline.backfill import backfill
 from metabatch.synthetic.campaigns import campaign_runs
 from metabatch.cli import main
 from metabatch.workflows.cluster import cluster_runs
-from metabatch.stores.migrate import migrate
 from metabatch.models import fit
 from metabatch.snapshot import export_parquet
-from metabatch.stores import open_store
 from metabatch.workflows.suggest import plan_suggestions, suggest
 from metabatch.urls import parse_url
+from helpers import store_with_runs
 
 MODEL = "wf-v2"
 
@@ -37,13 +36,8 @@ def world(tmp_path_factory):
     """3,000 labelled campaign runs in a DuckDB file, a fitted v2 model, its embeddings, a snapshot."""
     folder = tmp_path_factory.mktemp("workflows")
     url = parse_url(f"duckdb://{folder / 'runs.duckdb'}")
-    migrate(url)
     runs, labels = campaign_runs(3000, seed=21, n_families=12, n_envs=6)
-    store = open_store(url)
-    try:
-        store.insert_runs(runs)
-    finally:
-        store.close()
+    store_with_runs(url.raw, runs)
     fit(url, url, MODEL)
     backfill(url, model_id=MODEL)
     backfill(url)  # v1 embeddings beside them

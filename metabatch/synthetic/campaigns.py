@@ -293,6 +293,11 @@ def _template_config(rng: np.random.Generator, fam: Family, env: Environment, en
         "universe_id": env.universe_id,
         "assessment": {"assessment_strategy_id": env.assessment, "assessment_horizon_days": env.horizon},
     }
+    return placed_config(rng, where, fam, end)
+
+
+def placed_config(rng: np.random.Generator, where: dict, fam: Family, end: dt.date) -> dict:
+    """A config of ``fam`` tried ``where``, with the noise of a real submission, its keys shuffled."""
     config = {**where, **family_config(rng, fam)}
     config.update(_noise(rng, end))
     return _shuffled(rng, config)

@@ -46,7 +46,7 @@ import polars as pl
 import pyarrow as pa
 
 from . import campaigns
-from .campaigns import Family, _noise, _shuffled, family_config
+from .campaigns import Family
 from ..stores.base import RUN_SCHEMA as SCHEMA
 
 SHAPES = ("main", "fixed_shapes", "catalog", "nested", "renamed", "follows_strategy")
@@ -232,10 +232,8 @@ def _template_config(rng: np.random.Generator, shape: str, fam: Family, place: P
     where = json.loads(json.dumps(place.keys))
     if shape == "follows_strategy":
         where["universe_id"] = f"{fam.strategy_id}_UNIVERSE"
-    config = {**where, **family_config(rng, fam)}
-    config.update(_noise(rng, end))
     universe = where.get("universe_id") or where.get("venue") or where.get("market_id")
-    return _shuffled(rng, config), universe
+    return campaigns.placed_config(rng, where, fam, end), universe
 
 
 def _metrics(rng: np.random.Generator, shape: str, place: Place, skill: float) -> dict:
