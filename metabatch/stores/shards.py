@@ -56,7 +56,7 @@ def bucket_sql(column: str, dialect: str) -> str:
     """SQL for the bucket (0-255) of the text expression ``column`` (an identifier
     or expression metabatch builds, never user text): the first byte of its MD5.
     ``dialect``: "postgresql" or "duckdb". The PostgreSQL form is the expression
-    of the index ``backtest_runs_shard_bucket`` (migrations), so a shard's runs
+    of the index ``backtest_runs_shard_run`` (migration 0003), so a shard's runs
     are read through it."""
     if dialect == "postgresql":
         return f"(('x' || substr(md5({column}), 1, 2))::bit(8)::int)"

@@ -1,5 +1,5 @@
 -- The runs a backfill selects (metrics_json not NULL), by shard bucket (the first
--- byte of the MD5 of run_id: metabatch/shards.py) and run_id. With it
+-- byte of the MD5 of run_id: metabatch/stores/shards.py) and run_id. With it
 --   * a shard of a job sharded over a cluster (`--ray`) reads its runs through it
 --     instead of hashing every run of the table once per shard (1M runs: a shard of
 --     1/8 in 0.7 s instead of 3.2 s);
