@@ -49,9 +49,11 @@ v1's names decide (``modelfile.PRIOR_ENV``, ``PRIOR_ENV_METRICS``; ``how``
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from .encoders.v2 import SLICES, PathModel, V2Model, _joined, row_means
+from .encoders.v2 import PathModel, V2Model, _joined, row_means
 from .groups import Clusters, Group, explained, explaining, groups_of, intraclass, set_weights, zero_constant_groups
 from .modelfile import PRIOR_ENV, PRIOR_ENV_METRICS, matches
 
@@ -175,11 +177,7 @@ def _at_weight_one(m: PathModel, branch: str, weight: float = 1.0) -> PathModel:
     """A copy of a path model in ``branch`` with each of its feature groups at
     weight 1 (or ``weight``)."""
     def unit(group):
-        if group is None:
-            return None
-        copy = type(group)(**{k: v for k, v in vars(group).items() if not k.startswith("_")})
-        copy.weight = weight
-        return copy
+        return None if group is None else dataclasses.replace(group, weight=weight)
 
     return PathModel(branch, weight * float(m.present > 0), unit(m.number), unit(m.length), unit(m.string), unit(m.date))
 
@@ -268,4 +266,4 @@ def _by_names(model, keys, windows, metrics, key_figures=None) -> None:
         m.branch, m.how = ("env" if matches(p, PRIOR_ENV_METRICS) else "outcome"), "prior"
 
 
-__all__ = ["learn_branches", "KEY_MARGIN", "METRIC_BETWEEN", "METRIC_CONSISTENT", "SLICES"]
+__all__ = ["learn_branches", "KEY_MARGIN", "METRIC_BETWEEN", "METRIC_CONSISTENT"]

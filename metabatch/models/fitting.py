@@ -78,7 +78,7 @@ from .encoders.v2 import (
     joined_strings,
     with_dates,
 )
-from .groups import Clusters, as_leaves, explained, groups_of, intraclass, set_weights, zero_constant_groups
+from .groups import Clusters, as_leaves, explained, groups_of, intraclass, set_weights, slice_vectors, zero_constant_groups
 from .branches import learn_branches
 from .modelfile import PRIOR_ENV, PRIOR_ENV_METRICS, ModelSpec, matches
 from ..pipeline.unnest import collect_config, collect_metrics
@@ -384,10 +384,6 @@ def _string_model(values: PathValues) -> StringModel:
 
 
 # --------------------------------------------------------------------------
-# Weights of the config paths: how much each group of features is explained
-
-
-# --------------------------------------------------------------------------
 # Weights: how much each group of features is explained
 
 
@@ -455,8 +451,6 @@ def _outcome_reliability(model: V2Model, leaves, pairs: np.ndarray, n: int, con=
     """The intraclass correlation of the sample's outcome slices over the (config
     cluster, env cluster) pairs, at least ``RELIABILITY_FLOOR``; None when there
     are too few runs with outcomes to tell."""
-    from .groups import slice_vectors
-
     vectors, held = slice_vectors(model, "outcome", leaves, n, con)
     if held.sum() < 20:
         return None
